@@ -1,0 +1,54 @@
+"""funchess: Hessians of PyTorch models, fast, chunked, structured and verified.
+
+Turn a module plus a loss into a pure function of a parameter dict (`functional`), then take
+`hessian`, `hvp`/`vhp`, `jacrev`/`jacfwd` of it. Hessians are pytrees of blocks
+(`H[a][b].shape == params[a].shape + params[b].shape`) that convert to and from one dense matrix
+(`to_matrix`, `from_matrix`). `funchess.testing` holds the reference oracle.
+
+Example:
+    >>> import torch, funchess
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> f, params = funchess.functional(model, torch.nn.functional.cross_entropy)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> H = funchess.hessian(f)(params, x, y)
+    >>> funchess.to_matrix(H).shape
+    torch.Size([67, 67])
+"""
+
+from ._errors import FunchessError as FunchessError
+from ._errors import InvalidArgumentError as InvalidArgumentError
+from ._errors import OutputError as OutputError
+from ._errors import StructureError as StructureError
+from ._errors import UnsupportedError as UnsupportedError
+from ._functional import ModuleFunction as ModuleFunction
+from ._functional import functional as functional
+from ._hessian import hessian as hessian
+from ._hessian import hvp as hvp
+from ._hessian import jacfwd as jacfwd
+from ._hessian import jacrev as jacrev
+from ._hessian import vhp as vhp
+from ._tree import from_matrix as from_matrix
+from ._tree import ravel as ravel
+from ._tree import to_matrix as to_matrix
+from ._tree import unravel as unravel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FunchessError",
+    "InvalidArgumentError",
+    "ModuleFunction",
+    "OutputError",
+    "StructureError",
+    "UnsupportedError",
+    "from_matrix",
+    "functional",
+    "hessian",
+    "hvp",
+    "jacfwd",
+    "jacrev",
+    "ravel",
+    "to_matrix",
+    "unravel",
+    "vhp",
+]

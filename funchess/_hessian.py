@@ -1,0 +1,583 @@
+"""`hessian`, `hvp`, `vhp`, `jacrev`, `jacfwd`: compositions of torch.func, chunked and verified.
+
+Two compositions compute second derivatives, both checked against nested double backward
+(`funchess.testing`) on every test case:
+
+- "rev-rev": `vjp` of the gradient. The forward and the first backward run once; every chunk of
+  Hessian rows is one `vmap`ped double-backward pass. Fastest on CPU in our benchmarks, and the
+  only one that needs no forward-mode rules.
+- "fwd-rev": `jvp` of the gradient, `vmap`ped over chunks of directions. Needs forward-mode rules
+  for the backward ops; useful where an operator has those but no double backward.
+
+"auto" tries "rev-rev", falls back to "fwd-rev" when an operator lacks a rule, and remembers the
+choice for the function. While funchess differentiates, a few fused operators whose second
+derivatives torch.func gets wrong (layer/batch/instance norm) or cannot take (fused attention)
+are replaced by equivalent compositions (see `funchess/_safe_ops.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ._errors import InvalidArgumentError, OutputError, StructureError, UnsupportedError
+from ._jacobian import check_chunk_size, jac_fwd, jac_rev, safe_ops
+from ._tree import tree_flatten, tree_map
+
+__all__ = ["hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
+
+PyTree = Any
+Mode = Literal["auto", "rev-rev", "fwd-rev"]
+_MODES: tuple[str, ...] = ("auto", "rev-rev", "fwd-rev")
+_FALLBACK_ORDER: tuple[str, ...] = ("rev-rev", "fwd-rev")
+
+# Messages torch raises when an operator has no rule for the derivative a composition needs.
+_MISSING_RULE = re.compile(
+    r"derivative for .* is not implemented|Trying to use forward AD with|"
+    r"not implemented for forward AD|does not support forward AD|"
+    r"does not have a (?:double backward|derivative)|No forward AD formula|"
+    r"Batching rule not implemented|doesn't support double backward|"
+    r"does not support double backward",
+    re.IGNORECASE,
+)
+_RANDOM = re.compile(r"random operation while in randomness error mode", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fmt_call(name: str, f: Callable[..., Any], opts: dict[str, Any]) -> str:
+    shown = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
+    return f"funchess.{name}(f{shown})"
+
+
+def _check_mode(call: str, mode: str) -> None:
+    if mode not in _MODES:
+        raise InvalidArgumentError(
+            f"{call}: expected mode to be one of {', '.join(map(repr, _MODES))}, got {mode!r}. "
+            f"Use mode='auto' unless you need a specific composition."
+        )
+
+
+def _check_callable(call: str, f: Any) -> None:
+    if not callable(f):
+        raise InvalidArgumentError(
+            f"{call}: expected f to be a function, got {type(f).__name__}. Pass the loss function "
+            f"(e.g. the first value of funchess.functional(model, loss_fn))."
+        )
+
+
+def _argnums(call: str, argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if (
+        not isinstance(nums, tuple)
+        or not nums
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums)
+    ):
+        raise InvalidArgumentError(
+            f"{call}: expected argnums to be an int or a non-empty tuple of ints, got "
+            f"{argnums!r}. Pass e.g. argnums=0 or argnums=(0, 1)."
+        )
+    out = []
+    for i in nums:
+        if not -nargs <= i < nargs:
+            raise InvalidArgumentError(
+                f"{call}: argnums={argnums!r} is out of range for the {nargs} positional "
+                f"argument(s) given; expected indices in [{-nargs}, {nargs}). Pass the arguments "
+                f"to differentiate positionally, or fix argnums."
+            )
+        out.append(i % nargs)
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError(
+            f"{call}: argnums={argnums!r} names an argument twice. Pass each index once."
+        )
+    return tuple(out)
+
+
+def _check_primals(call: str, primals: Sequence[Any], names: Sequence[str]) -> None:
+    for primal, name in zip(primals, names):
+        leaves, spec = tree_flatten(primal)
+        if not leaves:
+            raise InvalidArgumentError(
+                f"{call}: {name} is an empty pytree ({spec}); there is nothing to differentiate. "
+                f"Pass at least one parameter (check funchess.functional's params= selection "
+                f"and requires_grad)."
+            )
+        paths = spec.paths()
+        for path, leaf in zip(paths, leaves):
+            where = f"{name}{''.join(f'[{p!r}]' for p in path)}"
+            if not isinstance(leaf, Tensor):
+                raise InvalidArgumentError(
+                    f"{call}: {where} is a {type(leaf).__name__}; expected a Tensor (every leaf "
+                    f"of a differentiated argument must be one). Wrap numbers with torch.tensor."
+                )
+            if not leaf.is_floating_point() or leaf.is_complex():
+                raise InvalidArgumentError(
+                    f"{call}: {where} has dtype {leaf.dtype}; expected a real floating-point "
+                    f"Tensor. Convert it (e.g. .double()), or leave it out of the "
+                    f"differentiated arguments."
+                )
+
+
+def _split_aux(call: str, out: Any, has_aux: bool) -> tuple[Any, Any]:
+    if not has_aux:
+        return out, None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = f"a {type(out).__name__}" if not isinstance(out, (tuple, list)) else f"{len(out)} values"
+        raise OutputError(
+            f"{call}: with has_aux=True, f must return a pair (value, aux), got {got}. Return "
+            f"`loss, aux` from f, or drop has_aux=True."
+        )
+    return out[0], out[1]
+
+
+def _check_scalar(call: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise OutputError(
+            f"{call}: f must return a scalar Tensor, got a {type(value).__name__}. Return the "
+            f"loss as a 0-dimensional Tensor (with has_aux=True for extra outputs)."
+        )
+    if value.dim() != 0:
+        raise OutputError(
+            f"{call}: f must return a scalar Tensor, got shape {tuple(value.shape)}. Reduce the "
+            f"loss (e.g. `.mean()` or reduction='mean'), or use funchess.jacrev/jacfwd for "
+            f"vector outputs."
+        )
+    if not value.is_floating_point() or value.is_complex():
+        raise OutputError(
+            f"{call}: f must return a real floating-point scalar, got dtype {value.dtype}. "
+            f"Compute the loss in floating point."
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------- running modes
+
+
+def _with_primals(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...]) -> Callable[..., Any]:
+    def h(*primals: Any) -> Any:
+        full = list(args)
+        for i, p in zip(nums, primals):
+            full[i] = p
+        return f(*full, **kwargs)
+
+    return h
+
+
+def _gradient(
+    h: Callable[..., Any], call: str, has_aux: bool, single: bool, *, for_jvp: bool = False
+) -> Callable[..., Any]:
+    """The gradient of scalar `h` w.r.t. all its arguments, as a function (plus aux).
+
+    With `for_jvp`, the pullback runs under a `vmap` of size one: differentiating the plain
+    pullback in forward mode crashes for some losses ("ZeroTensors are immutable" in
+    `mse_loss_backward`, pytorch#123996; no forward rule for `huber_loss_backward`), while their
+    batched forms decompose into operators that have forward rules. This is what `jacrev` does too.
+    """
+
+    def scalar(*primals: Any) -> Any:
+        value, aux = _split_aux(call, h(*primals), has_aux)
+        value = _check_scalar(call, value)
+        return (value, aux) if has_aux else value
+
+    def g(*primals: Any) -> Any:
+        if has_aux:
+            value, pullback, aux = vjp(scalar, *primals, has_aux=True)
+        else:
+            (value, pullback), aux = vjp(scalar, *primals), None
+        if for_jvp:
+            grads = tree_map(lambda t: t[0], vmap(pullback)(torch.ones_like(value).unsqueeze(0)))
+        else:
+            grads = pullback(torch.ones_like(value))
+        grads = grads[0] if single else grads
+        return (grads, aux) if has_aux else grads
+
+    return g
+
+
+def _missing_rule(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and bool(_MISSING_RULE.search(str(exc)))
+
+
+def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None:
+    """A FunchessError for a torch error we understand, else None (re-raise as is)."""
+    if isinstance(exc, (RuntimeError, NotImplementedError)) and _RANDOM.search(str(exc)):
+        return UnsupportedError(
+            f"{call}: f draws random numbers (e.g. dropout in train mode) inside a vectorised "
+            f"pass of mode {mode!r}; expected a deterministic function. Call model.eval(), or "
+            f"use mode='rev-rev', which runs the forward (and draws the masks) once."
+        )
+    if _missing_rule(exc):
+        other = [m for m in _FALLBACK_ORDER if m != mode]
+        return UnsupportedError(
+            f"{call}: an operator in f has no rule for mode {mode!r}: {str(exc).splitlines()[0]} "
+            f"Try mode={other[0]!r} or mode='auto', or replace the operator by differentiable "
+            f"torch operations."
+        )
+    return None
+
+
+def _run(call: str, state: dict[str, str | None], runners: dict[str, Callable[[], Any]]) -> Any:
+    """Run the chosen mode, or under "auto" the first that works (remembered in `state`)."""
+    chosen = state["mode"]
+    order = (chosen,) if chosen else _FALLBACK_ORDER
+    failures: list[str] = []
+    for mode in order:
+        try:
+            with safe_ops():
+                result = runners[mode]()
+        except (RuntimeError, NotImplementedError) as exc:
+            if chosen is None and _missing_rule(exc) and mode != order[-1]:
+                failures.append(f"{mode}: {str(exc).splitlines()[0]}")
+                continue
+            translated = _translate(call, mode, exc)
+            if translated is None:
+                raise
+            if failures and _missing_rule(exc):
+                raise UnsupportedError(
+                    f"{call}: no composition can differentiate f twice; expected an operator "
+                    f"with a double-backward or forward-mode rule, got "
+                    f"{'; '.join(failures)}; {mode}: {str(exc).splitlines()[0]} Replace the "
+                    f"operator by differentiable torch operations."
+                ) from exc
+            raise translated from exc
+        state["mode"] = mode
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def hessian(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """The Hessian of a scalar function, as a structured pytree of blocks.
+
+    `hessian(f)(*args)` differentiates `f(*args)` twice with respect to `args[argnums]`. The result
+    is the *tree product* of the differentiated argument with itself (JAX's spec, and what
+    `torch.func.hessian` returns): for a params dict, `H[a][b]` has shape
+    `(*params[a].shape, *params[b].shape)`; for a Tensor `x`, `H.shape == (*x.shape, *x.shape)`;
+    for `argnums=(0, 1)`, `H[i][j]` is the tree product of `args[i]` and `args[j]`.
+    `funchess.to_matrix(H)` gives the dense `(N, N)` matrix (zero-copy: the blocks are views of it).
+
+    Composition: "rev-rev" is `vjp` of the gradient, `vmap`ped over chunks of basis rows
+    (`jacrev(grad(f))`); "fwd-rev" is `jacfwd(grad(f))`; "auto" (default) tries "rev-rev" and falls
+    back to "fwd-rev" when an operator lacks a double-backward rule. Rows are computed
+    `chunk_size` at a time into one preallocated matrix, so peak memory is about the Hessian itself
+    plus one chunk's working set. It composes with `torch.func.vmap` (per-sample Hessians), `grad`
+    and the other torch.func transforms.
+
+    Args:
+        f: a function returning a scalar Tensor (or `(scalar, aux)` with `has_aux=True`).
+        argnums: which positional argument(s) to differentiate: an int or a tuple of ints.
+        has_aux: f returns `(value, aux)`; the transform then returns `(H, aux)`.
+        mode: "auto", "rev-rev" or "fwd-rev" (see above).
+        chunk_size: Hessian rows per vectorised pass. None picks a size that bounds each chunk's
+            output (at most 256 rows); smaller uses less memory, larger is faster.
+
+    Returns:
+        A function with f's signature returning the Hessian pytree (and aux with `has_aux=True`).
+        NaNs in f propagate into the blocks they touch; funchess does not check values.
+
+    Raises:
+        OutputError: f does not return a scalar floating Tensor (or a pair with `has_aux=True`).
+        InvalidArgumentError: bad argnums, mode, chunk_size, or a non-float/empty argument.
+        UnsupportedError: an operator in f cannot be differentiated twice by any composition.
+
+    Example:
+        >>> import torch, funchess
+        >>> def f(p):
+        ...     return (p["w"] ** 2).sum() * p["b"].sum()
+        >>> params = {"w": torch.ones(2, 3), "b": torch.ones(4)}
+        >>> H = funchess.hessian(f)(params)
+        >>> H["w"]["b"].shape
+        torch.Size([2, 3, 4])
+        >>> funchess.to_matrix(H).shape
+        torch.Size([10, 10])
+    """
+    call = _fmt_call("hessian", f, {"argnums": argnums or None, "mode": None if mode == "auto" else mode, "chunk_size": chunk_size})
+    _check_callable(call, f)
+    _check_mode(call, mode)
+    check_chunk_size(call, chunk_size)
+    state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+    single = isinstance(argnums, int)
+
+    @functools.wraps(f)
+    def hessian_fn(*args: Any, **kwargs: Any) -> Any:
+        here = f"{call}(...)"
+        nums = _argnums(here, argnums, len(args))
+        primals = tuple(args[i] for i in nums)
+        _check_primals(here, primals, [f"argument {i}" for i in nums])
+        h = _with_primals(f, args, kwargs, nums)
+        g_rev = _gradient(h, here, has_aux, single)
+        g_fwd = _gradient(h, here, has_aux, single, for_jvp=True)
+        inner = primals[0] if single else primals
+        H, aux = _run(
+            here,
+            state,
+            {
+                "rev-rev": lambda: jac_rev(g_rev, primals, inner, has_aux=has_aux, chunk_size=chunk_size),
+                "fwd-rev": lambda: jac_fwd(g_fwd, primals, inner, has_aux=has_aux, chunk_size=chunk_size),
+            },
+        )
+        return (H, aux) if has_aux else H
+
+    return hessian_fn
+
+
+def _check_tangents(call: str, primals: Any, tangents: Any) -> None:
+    for name, value in (("primals", primals), ("tangents", tangents)):
+        if not isinstance(value, tuple):
+            raise StructureError(
+                f"{call}: expected {name} to be a tuple (as in torch.func.jvp), got "
+                f"{type(value).__name__}. Wrap it: funchess.hvp(f, (params,), (v,))."
+            )
+    if len(primals) != len(tangents):
+        raise StructureError(
+            f"{call}: expected one tangent per primal ({len(primals)}), got {len(tangents)}. "
+            f"Pass tangents shaped like primals."
+        )
+    for k, (p, t) in enumerate(zip(primals, tangents)):
+        p_leaves, p_spec = tree_flatten(p)
+        t_leaves, t_spec = tree_flatten(t)
+        if p_spec != t_spec:
+            raise StructureError(
+                f"{call}: tangents[{k}] must have the structure of primals[{k}]; expected "
+                f"{p_spec}, got {t_spec}. Build it from the primal, e.g. "
+                f"{{k: torch.randn_like(p) for k, p in params.items()}}."
+            )
+        for path, pl, tl in zip(p_spec.paths(), p_leaves, t_leaves):
+            where = "".join(f"[{q!r}]" for q in path)
+            if not isinstance(tl, Tensor) or tl.shape != pl.shape or tl.dtype != pl.dtype:
+                got = (
+                    f"shape {tuple(tl.shape)} and dtype {tl.dtype}"
+                    if isinstance(tl, Tensor)
+                    else f"a {type(tl).__name__}"
+                )
+                raise StructureError(
+                    f"{call}: tangents[{k}]{where} must match primals[{k}]{where}: expected "
+                    f"shape {tuple(pl.shape)} and dtype {pl.dtype}, got {got}. Build tangents "
+                    f"with torch.randn_like / zeros_like of the primals."
+                )
+
+
+def _hvp_like(name: str, order: tuple[str, ...]) -> Callable[..., Any]:
+    def product(
+        f: Callable[..., Any],
+        primals: tuple[Any, ...],
+        tangents: tuple[Any, ...],
+        *,
+        has_aux: bool = False,
+        mode: Mode = "auto",
+    ) -> Any:
+        call = _fmt_call(name, f, {"mode": None if mode == "auto" else mode}).replace("(f", "(f, primals, tangents", 1)
+        _check_callable(call, f)
+        _check_mode(call, mode)
+        _check_tangents(call, primals, tangents)
+        _check_primals(call, primals, [f"primals[{k}]" for k in range(len(primals))])
+        def rev() -> Any:
+            g = _gradient(f, call, has_aux, single=False)
+            if has_aux:
+                _, pullback, aux = vjp(g, *primals, has_aux=True)
+            else:
+                (_, pullback), aux = vjp(g, *primals), None
+            return pullback(tangents), aux
+
+        def fwd() -> Any:
+            g = _gradient(f, call, has_aux, single=False, for_jvp=True)
+            if has_aux:
+                _, out, aux = jvp(g, primals, tangents, has_aux=True)
+                return out, aux
+            return jvp(g, primals, tangents)[1], None
+
+        state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+        out, aux = _run(call, state, {"rev-rev": rev, "fwd-rev": fwd})
+        out = out[0] if len(primals) == 1 else tuple(out)
+        return (out, aux) if has_aux else out
+
+    return product
+
+
+_hvp = _hvp_like("hvp", _FALLBACK_ORDER)
+_vhp = _hvp_like("vhp", _FALLBACK_ORDER)
+
+
+def hvp(
+    f: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    has_aux: bool = False,
+    mode: Mode = "auto",
+) -> Any:
+    """Hessian-vector product `H v` of a scalar function, without forming `H`.
+
+    Follows `torch.func.jvp`'s convention: `primals` and `tangents` are tuples with one entry per
+    argument of `f`, each tangent shaped like its primal. The Hessian is taken with respect to all
+    of `primals`. Works under `torch.func.vmap` over the tangents (many directions in one pass).
+
+    Composition: "rev-rev" is `vjp` of the gradient (double backward); "fwd-rev" is
+    `jvp(grad(f))`; "auto" tries "rev-rev" and falls back to "fwd-rev" when an operator lacks a
+    rule. Cost: a few times one gradient.
+
+    Args:
+        f: a function returning a scalar Tensor (or `(scalar, aux)` with `has_aux=True`).
+        primals: the point, a tuple (e.g. `(params,)`).
+        tangents: the direction(s), a tuple shaped like `primals`.
+        has_aux: f returns `(value, aux)`; the result is then `(Hv, aux)`.
+        mode: "auto", "rev-rev" or "fwd-rev".
+
+    Returns:
+        `H v`, shaped like `tangents[0]` when there is one primal, else a tuple shaped like
+        `tangents`.
+
+    Raises:
+        StructureError: tangents do not match primals in structure, shape or dtype.
+        OutputError: f does not return a scalar.
+
+    Example:
+        >>> import torch, funchess
+        >>> f = lambda p: (p["w"] ** 3).sum()
+        >>> p = {"w": torch.tensor([1.0, 2.0])}
+        >>> funchess.hvp(f, (p,), ({"w": torch.ones(2)},))
+        {'w': tensor([ 6., 12.])}
+    """
+    return _hvp(f, primals, tangents, has_aux=has_aux, mode=mode)
+
+
+def vhp(
+    f: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    has_aux: bool = False,
+    mode: Mode = "auto",
+) -> Any:
+    """Vector-Hessian product `vᵀ H`, the row form of `hvp` (`torch.autograd.functional.vhp`).
+
+    For a twice continuously differentiable `f` the Hessian is symmetric and `vhp == hvp`; this
+    form exists for code written against `torch.autograd.functional`. Same arguments, composition
+    and results as `funchess.hvp`.
+
+    Example:
+        >>> import torch, funchess
+        >>> f = lambda x: (x[0] * x[1] ** 2)
+        >>> funchess.vhp(f, (torch.tensor([1.0, 2.0]),), (torch.tensor([1.0, 0.0]),))
+        tensor([0., 4.])
+    """
+    return _vhp(f, primals, tangents, has_aux=has_aux, mode=mode)
+
+
+def _jacobian(name: str, forward: bool) -> Callable[..., Callable[..., Any]]:
+    def transform(
+        f: Callable[..., Any],
+        argnums: int | tuple[int, ...] = 0,
+        *,
+        has_aux: bool = False,
+        chunk_size: int | None = None,
+    ) -> Callable[..., Any]:
+        call = _fmt_call(name, f, {"argnums": argnums or None, "chunk_size": chunk_size})
+        _check_callable(call, f)
+        check_chunk_size(call, chunk_size)
+        single = isinstance(argnums, int)
+
+        @functools.wraps(f)
+        def jac_fn(*args: Any, **kwargs: Any) -> Any:
+            here = f"{call}(...)"
+            nums = _argnums(here, argnums, len(args))
+            primals = tuple(args[i] for i in nums)
+            _check_primals(here, primals, [f"argument {i}" for i in nums])
+            h = _with_primals(f, args, kwargs, nums)
+
+            def checked(*p: Any) -> Any:
+                out = h(*p)
+                value, aux = _split_aux(here, out, has_aux)
+                for leaf in tree_flatten(value)[0]:
+                    if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+                        raise OutputError(
+                            f"{here}: f must return floating-point Tensors (a pytree of them), "
+                            f"got {type(leaf).__name__ if not isinstance(leaf, Tensor) else leaf.dtype}. "
+                            f"Return the differentiable outputs only (use has_aux=True for others)."
+                        )
+                return (value, aux) if has_aux else value
+
+            inner = primals[0] if single else primals
+            engine = jac_fwd if forward else jac_rev
+            state: dict[str, str | None] = {"mode": name}
+            J, aux = _run(
+                here, state, {name: lambda: engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk_size)}
+            )
+            return (J, aux) if has_aux else J
+
+        return jac_fn
+
+    return transform
+
+
+_jacrev = _jacobian("jacrev", forward=False)
+_jacfwd = _jacobian("jacfwd", forward=True)
+
+
+def jacrev(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Reverse-mode Jacobian, chunked, in torch.func's output format.
+
+    `jacrev(f)(*args)` is the tree product of f's output with `args[argnums]`: a leaf of shape
+    `(*out.shape, *arg.shape)` per (output leaf, argument leaf). Composition: one `vjp`, then
+    `vmap` over chunks of `chunk_size` output basis vectors, written into one preallocated matrix.
+    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian.
+
+    Args:
+        f: a function returning a Tensor or a pytree of Tensors (plus aux with `has_aux=True`).
+        argnums: the argument(s) to differentiate.
+        has_aux: f returns `(output, aux)`; the result is then `(J, aux)`.
+        chunk_size: output entries per vectorised pass; None bounds each chunk automatically.
+
+    Example:
+        >>> import torch, funchess
+        >>> J = funchess.jacrev(lambda x: x ** 2, chunk_size=2)(torch.tensor([1.0, 2.0, 3.0]))
+        >>> J
+        tensor([[2., 0., 0.],
+                [0., 4., 0.],
+                [0., 0., 6.]])
+    """
+    return _jacrev(f, argnums, has_aux=has_aux, chunk_size=chunk_size)
+
+
+def jacfwd(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Forward-mode Jacobian with `chunk_size` (which `torch.func.jacfwd` lacks).
+
+    Same output format as `funchess.jacrev`. Composition: `vmap` of `jvp` over chunks of
+    `chunk_size` input basis vectors. Prefer it when f has fewer inputs than outputs.
+
+    Example:
+        >>> import torch, funchess
+        >>> f = lambda p: (p ** 3).sum()
+        >>> funchess.jacfwd(funchess.jacrev(f), chunk_size=1)(torch.tensor([1.0, 2.0]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    return _jacfwd(f, argnums, has_aux=has_aux, chunk_size=chunk_size)

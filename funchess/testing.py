@@ -1,0 +1,335 @@
+"""The oracle: slow, obviously correct references and assertion helpers (public).
+
+Everything here uses plain `torch.autograd` (no torch.func), so it is independent of funchess's
+fast paths and can check them, or any other library's curvature code:
+
+- `reference_hessian`: the textbook nested double-backward loop, one
+  `torch.autograd.grad(..., create_graph=True)` row per gradient entry;
+- `reference_hvp`: one double backward;
+- `finite_difference_hessian` / `check_hessian`: central differences of the gradient;
+- `assert_hessian_close` with the dtype-keyed `TOLERANCES` table.
+
+Example:
+    >>> import torch, funchess
+    >>> from funchess.testing import reference_hessian, assert_hessian_close
+    >>> f = lambda p: (p["w"].sin() * p["b"]).sum()
+    >>> p = {"w": torch.randn(3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    >>> assert_hessian_close(funchess.hessian(f)(p), reference_hessian(f, p))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.nn.attention import SDPBackend as _SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    _sdpa_kernel = None
+
+from ._errors import OutputError
+from ._tree import blocks_of, offsets, tree_flatten, tree_unflatten
+
+__all__ = [
+    "TOLERANCES",
+    "tolerance",
+    "reference_hessian",
+    "reference_hvp",
+    "finite_difference_hessian",
+    "check_hessian",
+    "assert_hessian_close",
+]
+
+PyTree = Any
+
+#: (rtol, atol) per dtype. An entry passes when |actual - expected| <= atol * scale + rtol * |expected|,
+#: `scale` the largest |expected| entry of the whole Hessian (so atol is relative to the Hessian's size).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """The `(rtol, atol)` pair `assert_hessian_close` uses for `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import tolerance
+        >>> tolerance(torch.float64)
+        (1e-09, 1e-09)
+    """
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+@contextlib.contextmanager
+def _plain_autograd() -> Iterator[None]:
+    """Grad mode on, and attention on torch's own math kernel: fused attention kernels have no
+    double backward, the math kernel has (this is torch's path, not funchess's rerouting)."""
+    with torch.enable_grad():
+        if _sdpa_kernel is None:  # pragma: no cover - torch without torch.nn.attention
+            yield
+            return
+        with _sdpa_kernel([_SDPBackend.MATH]):
+            yield
+
+
+def _differentiated(
+    args: tuple[Any, ...], argnums: int | tuple[int, ...]
+) -> tuple[tuple[int, ...], list[Tensor], Callable[[list[Tensor]], tuple[Any, ...]], Any]:
+    """Indices, fresh leaf tensors requiring grad, a rebuild of args from leaves, and the
+    differentiated structure (one argument, or a tuple of them)."""
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    nums = tuple(i % len(args) for i in nums)
+    diff = args[nums[0]] if isinstance(argnums, int) else tuple(args[i] for i in nums)
+    leaves, spec = tree_flatten(diff)
+    fresh = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+
+    def rebuild(new_leaves: list[Tensor]) -> tuple[Any, ...]:
+        value = tree_unflatten(spec, new_leaves)
+        full = list(args)
+        if isinstance(argnums, int):
+            full[nums[0]] = value
+        else:
+            for i, v in zip(nums, value):
+                full[i] = v
+        return tuple(full)
+
+    return nums, fresh, rebuild, spec
+
+
+def _scalar(call: str, out: Any) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() != 0:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise OutputError(f"{call}: f must return a scalar Tensor, got {got}. Reduce the loss.")
+    return out
+
+
+def _dtype(leaves: list[Tensor]) -> torch.dtype:
+    dtype = leaves[0].dtype
+    for leaf in leaves[1:]:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    return dtype
+
+
+def reference_hessian(
+    f: Callable[..., Tensor], *args: Any, argnums: int | tuple[int, ...] = 0, **kwargs: Any
+) -> PyTree:
+    """The Hessian by nested double-backward loops: slow, simple, independent of torch.func.
+
+    One `torch.autograd.grad(loss, params, create_graph=True)`, then one
+    `torch.autograd.grad(g[i], params, retain_graph=True)` per gradient entry `i`. Returns the same
+    tree product as `funchess.hessian(f, argnums)(*args, **kwargs)`. Parameters the loss does not
+    depend on get zero rows and columns.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import reference_hessian
+        >>> reference_hessian(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    _, leaves, rebuild, spec = _differentiated(args, argnums)
+    shapes = [leaf.shape for leaf in leaves]
+    off = offsets(shapes)
+    H = torch.zeros(off[-1], off[-1], dtype=_dtype(leaves), device=leaves[0].device)
+    with _plain_autograd():
+        loss = _scalar("funchess.testing.reference_hessian(f, ...)", f(*rebuild(leaves), **kwargs))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        for li, g in enumerate(grads):
+            if g is None or not g.requires_grad:
+                continue  # the gradient of this leaf is constant: its rows are zero
+            flat = g.reshape(-1)
+            for k in range(flat.numel()):
+                row = torch.autograd.grad(flat[k], leaves, retain_graph=True, allow_unused=True)
+                for lj, r in enumerate(row):
+                    if r is not None:
+                        H[off[li] + k, off[lj] : off[lj + 1]] = r.reshape(-1).detach()
+    return blocks_of(H, (shapes, spec), (shapes, spec))
+
+
+def reference_hvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+    """`H v` by one plain double backward; same conventions and result as `funchess.hvp`.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import reference_hvp
+        >>> reference_hvp(lambda x: (x ** 3).sum(), (torch.tensor([1.0, 2.0]),), (torch.ones(2),))
+        tensor([ 6., 12.])
+    """
+    leaves, spec = tree_flatten(tuple(primals))
+    t_leaves = spec.flatten_up_to(tuple(tangents))
+    fresh = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+    with _plain_autograd():
+        loss = _scalar("funchess.testing.reference_hvp(f, ...)", f(*tree_unflatten(spec, fresh)))
+        grads = torch.autograd.grad(loss, fresh, create_graph=True, allow_unused=True)
+        pairs = [(g, t) for g, t in zip(grads, t_leaves) if g is not None and g.requires_grad]
+        hv = (
+            torch.autograd.grad([g for g, _ in pairs], fresh, grad_outputs=[t for _, t in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(fresh)
+        )
+    out = tree_unflatten(spec, [torch.zeros_like(p) if r is None else r.detach() for p, r in zip(leaves, hv)])
+    return out[0] if len(primals) == 1 else out
+
+
+def _gradient_flat(f: Callable[..., Tensor], rebuild: Callable[[list[Tensor]], tuple[Any, ...]], leaves: list[Tensor], kwargs: dict[str, Any]) -> Tensor:
+    fresh = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+    with _plain_autograd():
+        loss = _scalar("funchess.testing.finite_difference_hessian(f, ...)", f(*rebuild(fresh), **kwargs))
+        grads = torch.autograd.grad(loss, fresh, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(fresh, grads)])
+
+
+def finite_difference_hessian(
+    f: Callable[..., Tensor],
+    *args: Any,
+    argnums: int | tuple[int, ...] = 0,
+    eps: float | None = None,
+    **kwargs: Any,
+) -> PyTree:
+    """The Hessian by central differences of the autograd gradient (column by column).
+
+    Column `i` is `(g(x + h e_i) - g(x - h e_i)) / 2h` with `h = eps * max(1, |x_i|)`. Accurate to
+    about `eps**2` (times the third derivative): use float64. Same tree product as
+    `funchess.hessian`.
+
+    Args:
+        f, args, argnums, kwargs: as for `funchess.hessian(f, argnums)(*args, **kwargs)`.
+        eps: the relative step; default `1e-5` for float64, `1e-2` for lower precision.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import finite_difference_hessian
+        >>> H = finite_difference_hessian(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> torch.allclose(H, torch.tensor([[6.0, 0.0], [0.0, 12.0]], dtype=torch.float64))
+        True
+    """
+    _, leaves, rebuild, spec = _differentiated(args, argnums)
+    shapes = [leaf.shape for leaf in leaves]
+    dtype = _dtype(leaves)
+    step = eps if eps is not None else (1e-5 if dtype == torch.float64 else 1e-2)
+    x = torch.cat([leaf.detach().reshape(-1).to(dtype) for leaf in leaves])
+    off = offsets(shapes)
+
+    def split(v: Tensor) -> list[Tensor]:
+        return [v[off[i] : off[i + 1]].reshape(shapes[i]).to(leaves[i].dtype) for i in range(len(leaves))]
+
+    H = torch.empty(x.numel(), x.numel(), dtype=dtype, device=x.device)
+    for i in range(x.numel()):
+        h = step * max(1.0, abs(float(x[i])))
+        up, down = x.clone(), x.clone()
+        up[i] += h
+        down[i] -= h
+        H[:, i] = (_gradient_flat(f, rebuild, split(up), kwargs) - _gradient_flat(f, rebuild, split(down), kwargs)) / (2 * h)
+    return blocks_of(H, (shapes, spec), (shapes, spec))
+
+
+def _scale(leaves: list[Tensor]) -> float:
+    finite = [leaf.detach().abs().nan_to_num(0.0, 0.0, 0.0).max().item() for leaf in leaves if leaf.numel()]
+    return max(finite, default=0.0) or 1.0
+
+
+def assert_hessian_close(
+    actual: PyTree,
+    expected: PyTree,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    msg: str = "",
+) -> None:
+    """Assert two Hessian pytrees (or any matching pytrees of Tensors) are equal within tolerance.
+
+    An entry passes when `|actual - expected| <= atol * scale + rtol * |expected|`, `scale` being the
+    largest `|expected|` entry over all blocks: Hessian entries span many orders of magnitude, so
+    `atol` is relative to the Hessian's size. Tolerances default to `TOLERANCES` for the less
+    precise of the two dtypes. NaNs must appear in the same places.
+
+    Raises:
+        AssertionError: naming the first block out of tolerance, its worst entry and the bound.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import assert_hessian_close
+        >>> assert_hessian_close({"a": torch.ones(2)}, {"a": torch.ones(2) + 1e-12})
+    """
+    a_leaves, a_spec = tree_flatten(actual)
+    e_leaves, e_spec = tree_flatten(expected)
+    prefix = f"{msg}: " if msg else ""
+    if a_spec != e_spec:
+        raise AssertionError(f"{prefix}structures differ: actual {a_spec}, expected {e_spec}")
+    if not e_leaves:
+        return
+    worst = a_leaves[0].dtype
+    for leaf in a_leaves + e_leaves:
+        if tolerance(leaf.dtype)[0] > tolerance(worst)[0]:
+            worst = leaf.dtype
+    d_rtol, d_atol = tolerance(worst)
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    scale = _scale(e_leaves)
+    for path, a, e in zip(e_spec.paths(), a_leaves, e_leaves):
+        where = "".join(f"[{p!r}]" for p in path) or "<root>"
+        if tuple(a.shape) != tuple(e.shape):
+            raise AssertionError(f"{prefix}block {where}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+        dtype = torch.promote_types(a.dtype, e.dtype)
+        a64, e64 = a.detach().to(dtype), e.detach().to(dtype).to(a.device)
+        nan_a, nan_e = a64.isnan(), e64.isnan()
+        if not torch.equal(nan_a, nan_e):
+            raise AssertionError(f"{prefix}block {where}: NaNs in different places")
+        err = (a64 - e64).abs().nan_to_num(0.0)
+        bound = atol * scale + rtol * e64.abs().nan_to_num(0.0)
+        bad = err > bound
+        if bool(bad.any()):
+            k = int(torch.argmax((err - bound).reshape(-1)))
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), a.shape)) if a.dim() else ()
+            raise AssertionError(
+                f"{prefix}block {where}: {int(bad.sum())} of {a.numel()} entries out of tolerance; "
+                f"worst at {idx}: actual {a64.reshape(-1)[k].item():.6g}, expected "
+                f"{e64.reshape(-1)[k].item():.6g} (|diff| {err.reshape(-1)[k].item():.3g} > "
+                f"bound {bound.reshape(-1)[k].item():.3g}; rtol={rtol:g}, atol={atol:g} x scale {scale:.3g})"
+            )
+
+
+def check_hessian(
+    f: Callable[..., Tensor],
+    *args: Any,
+    argnums: int | tuple[int, ...] = 0,
+    hessian_fn: Callable[..., PyTree] | None = None,
+    eps: float | None = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    **kwargs: Any,
+) -> None:
+    """Check a Hessian against finite differences of the gradient (like JAX's `check_grads`).
+
+    Args:
+        f, args, argnums, kwargs: the function and point.
+        hessian_fn: computes the Hessian to check, called as `hessian_fn(*args, **kwargs)`;
+            default `funchess.hessian(f, argnums)`.
+        eps: finite-difference step (see `finite_difference_hessian`).
+        rtol, atol: tolerances as in `assert_hessian_close` (finite differences are only accurate
+            to about `eps**2`, so these are looser than the exact comparisons).
+
+    Raises:
+        AssertionError: the Hessian disagrees with finite differences.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import check_hessian
+        >>> check_hessian(lambda x: x.exp().sum(), torch.randn(4, dtype=torch.float64))
+    """
+    if hessian_fn is None:
+        from ._hessian import hessian
+
+        hessian_fn = hessian(f, argnums)
+    actual = hessian_fn(*args, **kwargs)
+    expected = finite_difference_hessian(f, *args, argnums=argnums, eps=eps, **kwargs)
+    assert_hessian_close(actual, expected, rtol=rtol, atol=atol, msg="check_hessian vs finite differences")
