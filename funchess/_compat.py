@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -36,3 +37,13 @@ def fused_rnn_kernels_off() -> Iterator[None]:
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
         torch.backends.cudnn.enabled = cudnn
+
+
+def vjp(fn: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+    """`torch.func.vjp`, typed loosely: its stubs do not know the 3-tuple returned with has_aux."""
+    return torch.func.vjp(fn, *primals, has_aux=has_aux)
+
+
+def jvp(fn: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], *, has_aux: bool = False) -> Any:
+    """`torch.func.jvp`, typed loosely (see `vjp`)."""
+    return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)

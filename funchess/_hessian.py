@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
+from ._compat import jvp, vjp
 from ._errors import InvalidArgumentError, OutputError, StructureError, UnsupportedError
 from ._jacobian import check_chunk_size, jac_fwd, jac_rev, safe_ops
 from ._tree import tree_flatten, tree_map

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
-from ._compat import inside_transform
+from ._compat import inside_transform, jvp, vjp
 from ._errors import InvalidArgumentError
 from ._safe_ops import SecondOrderSafe
 from ._tree import blocks_of, offsets, tree_flatten, tree_unflatten
@@ -156,7 +156,8 @@ def jac_fwd(
             return out, aux
         return jvp(g, primals, tuple(tangents))[1]
 
-    batched = vmap(push, out_dims=(0, None) if has_aux else 0)
+    out_dims: int | tuple[int | None, ...] = (0, None) if has_aux else 0
+    batched = vmap(push, out_dims=out_dims)  # type: ignore[arg-type]
     fill: _Fill | None = None
     out_shapes: list[torch.Size] = []
     out_spec = None

@@ -77,7 +77,7 @@ def blocks_of(
 
     def block(i: int, j: int) -> Tensor:
         sub = matrix[ro[i] : ro[i + 1], co[j] : co[j + 1]]
-        return sub.reshape(*outer[0][i], *inner[0][j])  # a view whenever the layout allows
+        return sub.reshape((*outer[0][i], *inner[0][j]))  # a view whenever the layout allows
 
     return tree_product(outer, inner, block)
 
@@ -155,7 +155,7 @@ def unravel(flat: Tensor, like: PyTree) -> PyTree:
         )
     batch = flat.shape[:-1]
     out = [
-        flat[..., off[i] : off[i + 1]].reshape(*batch, *shapes[i]).to(leaves[i].dtype)
+        flat[..., off[i] : off[i + 1]].reshape((*batch, *shapes[i])).to(leaves[i].dtype)
         for i in range(len(leaves))
     ]
     return tree_unflatten(spec, out)

@@ -30,7 +30,7 @@ try:
     from torch.nn.attention import SDPBackend as _SDPBackend
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 except ImportError:  # pragma: no cover - torch < 2.3
-    _sdpa_kernel = None
+    _sdpa_kernel = None  # type: ignore[assignment]
 
 from ._errors import OutputError
 from ._tree import blocks_of, offsets, tree_flatten, tree_unflatten
@@ -165,13 +165,13 @@ def reference_hvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: 
         tensor([ 6., 12.])
     """
     leaves, spec = tree_flatten(tuple(primals))
-    t_leaves = spec.flatten_up_to(tuple(tangents))
+    t_leaves: list[Any] = spec.flatten_up_to(tuple(tangents))  # type: ignore[arg-type]
     fresh = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
     with _plain_autograd():
         loss = _scalar("funchess.testing.reference_hvp(f, ...)", f(*tree_unflatten(spec, fresh)))
         grads = torch.autograd.grad(loss, fresh, create_graph=True, allow_unused=True)
         pairs = [(g, t) for g, t in zip(grads, t_leaves) if g is not None and g.requires_grad]
-        hv = (
+        hv: Any = (
             torch.autograd.grad([g for g, _ in pairs], fresh, grad_outputs=[t for _, t in pairs], allow_unused=True)
             if pairs
             else [None] * len(fresh)

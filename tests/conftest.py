@@ -7,10 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from cases import CASES, DEVICES, DTYPES, Case
 from hypothesis import HealthCheck, settings
 from torch import nn
-
-from cases import CASES, DEVICES, DTYPES, Case
 
 settings.register_profile(
     "funchess",

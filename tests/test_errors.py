@@ -1,0 +1,203 @@
+"""Every bad input raises a FunchessError subclass naming the call, expectation, what arrived and
+the fix, and leaves the model unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import funchess
+from funchess import InvalidArgumentError, OutputError, StructureError, UnsupportedError
+
+
+@pytest.fixture
+def setup(snapshot):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    snap = snapshot(model)
+    f, params = funchess.functional(model, F.mse_loss)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    yield model, f, params, x, y
+    snap.assert_unchanged()
+
+
+def test_loss_not_scalar(setup) -> None:  # type: ignore[no-untyped-def]
+    model, _, params, x, y = setup
+    f, _ = funchess.functional(model, lambda out, t: F.mse_loss(out, t, reduction="none"))
+    with pytest.raises(OutputError, match=r"funchess\.hessian\(f\)\(\.\.\.\): f must return a scalar Tensor, got shape \(5, 2\)\. Reduce the loss"):
+        funchess.hessian(f)(params, x, y)
+    with pytest.raises(OutputError, match=r"funchess\.hvp\(f, primals, tangents\): f must return a scalar Tensor, got shape \(5, 2\)"):
+        funchess.hvp(lambda p: f(p, x, y), (params,), (params,))
+
+
+def test_loss_not_a_tensor() -> None:
+    with pytest.raises(OutputError, match=r"f must return a scalar Tensor, got a float\. Return the loss"):
+        funchess.hessian(lambda w: 3.0)(torch.ones(2))
+
+
+def test_integer_loss() -> None:
+    with pytest.raises((OutputError, InvalidArgumentError), match=r"floating-point"):
+        funchess.hessian(lambda w: w.long().sum())(torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_non_floating_or_complex_params(dtype: torch.dtype) -> None:
+    p = {"w": torch.ones(3).to(dtype)}
+    with pytest.raises(InvalidArgumentError, match=rf"funchess\.hessian\(f\)\(\.\.\.\): argument 0\['w'\] has dtype {dtype}; expected a real floating-point Tensor\. Convert it"):
+        funchess.hessian(lambda q: q["w"].real.float().sum())(p)
+
+
+def test_complex_module_params_rejected_by_functional() -> None:
+    model = nn.Linear(2, 2)
+    model.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.complex64))
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.functional\(model, loss_fn, params=\.\.\.\): parameter 'weight' has dtype torch\.complex64; expected a real floating-point Tensor\. Convert the model"):
+        funchess.functional(model)
+
+
+def test_params_key_not_in_model(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    bad = dict(params)
+    bad["0.wieght"] = bad.pop("0.weight")
+    with pytest.raises(InvalidArgumentError, match=r"params has key '0\.wieght', which is not a parameter of the model \(4 parameters\)\. Did you mean '0\.weight'.*Use the names of model\.named_parameters\(\)"):
+        funchess.hessian(f)(bad, x, y)
+
+
+def test_params_pattern_matches_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    model = setup[0]
+    with pytest.raises(InvalidArgumentError, match=r"params= pattern 'encoder\.\*' matches no parameter of the model\..*named_parameters"):
+        funchess.functional(model, params=["encoder.*"])
+
+
+def test_params_pattern_matches_only_frozen(setup) -> None:  # type: ignore[no-untyped-def]
+    model = setup[0]
+    model[0].weight.requires_grad_(False)
+    try:
+        with pytest.raises(InvalidArgumentError, match=r"matches only frozen parameters \(0\.weight\) with requires_grad=False\. Set requires_grad=True"):
+            funchess.functional(model, params="0.weight")
+    finally:
+        model[0].weight.requires_grad_(True)
+
+
+def test_all_frozen(setup) -> None:  # type: ignore[no-untyped-def]
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(InvalidArgumentError, match=r"expected at least one trainable parameter, got none.*Unfreeze some"):
+        funchess.functional(model)
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"expected a torch\.nn\.Module, got function"):
+        funchess.functional(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_empty_params_dict(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, _, x, y = setup
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.hessian\(f\)\(\.\.\.\): argument 0 is an empty pytree .*nothing to differentiate\. Pass at least one parameter"):
+        funchess.hessian(f)({}, x, y)
+    with pytest.raises(InvalidArgumentError, match=r"primals\[0\] is an empty pytree"):
+        funchess.hvp(lambda p: f(p, x, y), ({},), ({},))
+
+
+def test_tangents_structure_mismatch(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    loss = lambda p: f(p, x, y)  # noqa: E731
+    v = {k: torch.ones_like(p) for k, p in params.items()}
+    missing = dict(v)
+    missing.pop("2.bias")
+    with pytest.raises(StructureError, match=r"funchess\.hvp\(f, primals, tangents\): tangents\[0\] must have the structure of primals\[0\]; expected .*, got .*Build it from the primal"):
+        funchess.hvp(loss, (params,), (missing,))
+    wrong_shape = dict(v)
+    wrong_shape["0.weight"] = torch.ones(3, 4, dtype=torch.float64)
+    with pytest.raises(StructureError, match=r"tangents\[0\]\['0\.weight'\] must match primals\[0\]\['0\.weight'\]: expected shape \(4, 3\) and dtype torch\.float64, got shape \(3, 4\)"):
+        funchess.hvp(loss, (params,), (wrong_shape,))
+    wrong_dtype = {k: t.float() for k, t in v.items()}
+    with pytest.raises(StructureError, match=r"expected shape \(4, 3\) and dtype torch\.float64, got shape \(4, 3\) and dtype torch\.float32"):
+        funchess.vhp(loss, (params,), (wrong_dtype,))
+    with pytest.raises(StructureError, match=r"expected primals to be a tuple \(as in torch\.func\.jvp\), got dict\. Wrap it"):
+        funchess.hvp(loss, params, (v,))  # type: ignore[arg-type]
+    with pytest.raises(StructureError, match=r"expected one tangent per primal \(1\), got 2"):
+        funchess.hvp(loss, (params,), (v, v))
+
+
+def test_has_aux_with_single_output(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    with pytest.raises(OutputError, match=r"funchess\.hessian\(f\)\(\.\.\.\): with has_aux=True, f must return a pair \(value, aux\), got a Tensor\. Return `loss, aux` from f, or drop has_aux=True"):
+        funchess.hessian(f, has_aux=True)(params, x, y)
+    with pytest.raises(OutputError, match=r"with has_aux=True, f must return a pair \(value, aux\), got 3 values"):
+        funchess.hvp(lambda p: (f(p, x, y), 1, 2), (params,), (params,), has_aux=True)
+    with pytest.raises(OutputError, match=r"funchess\.jacrev\(f\)\(\.\.\.\): with has_aux=True"):
+        funchess.jacrev(lambda p: p["2.bias"] * 2, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("argnums", [3, -4, (0, 5)])
+def test_argnums_out_of_range(setup, argnums) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    with pytest.raises(InvalidArgumentError, match=r"argnums=.* is out of range for the 3 positional argument\(s\) given; expected indices in \[-3, 3\)\. Pass the arguments"):
+        funchess.hessian(f, argnums)(params, x, y)
+
+
+@pytest.mark.parametrize("argnums", [(), (0, 0), 1.5, "0"])
+def test_argnums_malformed(setup, argnums) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    with pytest.raises(InvalidArgumentError, match=r"argnums"):
+        funchess.hessian(f, argnums)(params, x, y)
+
+
+def test_bad_mode_and_chunk_size() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.hessian\(f, mode='fast'\): expected mode to be one of 'auto', 'rev-rev', 'fwd-rev', got 'fast'"):
+        funchess.hessian(lambda w: w.sum(), mode="fast")  # type: ignore[arg-type]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InvalidArgumentError, match=r"expected chunk_size to be a positive int or None, got"):
+            funchess.hessian(lambda w: w.sum(), chunk_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.jacfwd\(f, chunk_size=0\): expected chunk_size"):
+        funchess.jacfwd(lambda w: w, chunk_size=0)
+    with pytest.raises(InvalidArgumentError, match=r"expected f to be a function, got int"):
+        funchess.hessian(3)  # type: ignore[arg-type]
+
+
+def test_unused_parameter_is_zero_not_error(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    extra = dict(params)
+    H = funchess.hessian(lambda p, a, b: f({k: v for k, v in p.items() if k != "2.bias"}, a, b))(extra, x, y)
+    assert not H["2.bias"]["2.bias"].any()
+    assert not H["0.weight"]["2.bias"].any()
+
+
+def test_nan_in_loss_propagates_documented(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    x = x.clone()
+    x[0, 0] = float("nan")
+    M = funchess.to_matrix(funchess.hessian(f)(params, x, y))
+    assert torch.isnan(M).any()  # documented: NaNs in f propagate, funchess does not hide them
+
+
+def test_operator_without_second_derivative_is_unsupported() -> None:
+    a = torch.randn(3, 2, dtype=torch.float64)
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(a @ w, a).sum()  # _cdist_backward has no derivative
+
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): no composition can differentiate f twice; expected an operator with a double-backward or forward-mode rule, got rev-rev: .*cdist.*Replace the operator"):
+        funchess.hessian(f)(torch.randn(2, 2, dtype=torch.float64))
+    with pytest.raises(UnsupportedError, match=r"mode='rev-rev'\)\(\.\.\.\): an operator in f has no rule for mode 'rev-rev': .*Try mode='fwd-rev'"):
+        funchess.hessian(f, mode="rev-rev")(torch.randn(2, 2, dtype=torch.float64))
+
+
+def test_dropout_in_train_mode_under_fwd_rev() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1)).double().train()
+    f, params = funchess.functional(model, F.mse_loss)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match=r"f draws random numbers \(e\.g\. dropout in train mode\) inside a vectorised pass of mode 'fwd-rev'.*Call model\.eval\(\)"):
+        funchess.hessian(f, mode="fwd-rev")(params, x, y)
+
+
+def test_to_matrix_and_from_matrix_errors() -> None:
+    with pytest.raises(StructureError, match=r"funchess\.to_matrix\(H\): expected a Hessian pytree \(n\*n blocks.*got 3 leaves"):
+        funchess.to_matrix({"a": torch.ones(1), "b": torch.ones(1), "c": torch.ones(1)})
+    with pytest.raises(StructureError, match=r"funchess\.from_matrix\(M, params\): expected a square matrix of side 3 .*got \(3, 2\)"):
+        funchess.from_matrix(torch.zeros(3, 2), {"w": torch.zeros(3)})
+    with pytest.raises(StructureError, match=r"funchess\.unravel\(flat, like\): expected a Tensor whose last dimension has 3 entries"):
+        funchess.unravel(torch.zeros(4), {"w": torch.zeros(3)})
+    with pytest.raises(StructureError, match=r"funchess\.ravel\(tree\): expected a pytree whose leaves are Tensors"):
+        funchess.ravel({"w": 3})
