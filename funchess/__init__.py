@@ -17,16 +17,20 @@ Example:
 
 from ._errors import FunchessError as FunchessError
 from ._errors import InvalidArgumentError as InvalidArgumentError
+from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import OutputError as OutputError
 from ._errors import StructureError as StructureError
 from ._errors import UnsupportedError as UnsupportedError
 from ._functional import ModuleFunction as ModuleFunction
 from ._functional import functional as functional
 from ._hessian import hessian as hessian
+from ._hessian import hessian_diagonal as hessian_diagonal
 from ._hessian import hvp as hvp
 from ._hessian import jacfwd as jacfwd
 from ._hessian import jacrev as jacrev
+from ._hessian import plan_hessian as plan_hessian
 from ._hessian import vhp as vhp
+from ._memory import MemoryPlan as MemoryPlan
 from ._tree import from_matrix as from_matrix
 from ._tree import ravel as ravel
 from ._tree import to_matrix as to_matrix
@@ -37,6 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FunchessError",
     "InvalidArgumentError",
+    "MemoryBudgetError",
+    "MemoryPlan",
     "ModuleFunction",
     "OutputError",
     "StructureError",
@@ -44,9 +50,11 @@ __all__ = [
     "from_matrix",
     "functional",
     "hessian",
+    "hessian_diagonal",
     "hvp",
     "jacfwd",
     "jacrev",
+    "plan_hessian",
     "ravel",
     "to_matrix",
     "unravel",

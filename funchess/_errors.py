@@ -11,6 +11,7 @@ __all__ = [
     "StructureError",
     "OutputError",
     "UnsupportedError",
+    "MemoryBudgetError",
 ]
 
 
@@ -83,3 +84,21 @@ class UnsupportedError(FunchessError, RuntimeError):
         >>> issubclass(funchess.UnsupportedError, RuntimeError)
         True
     """
+
+
+class MemoryBudgetError(FunchessError, MemoryError):
+    """A computation would not fit its memory budget; raised before anything large is allocated.
+
+    The message says how much the call needs, how much there is, and what to do instead.
+
+    Example:
+        >>> import funchess, torch
+        >>> try:
+        ...     funchess.hessian(lambda w: (w ** 3).sum(), max_memory="1MB")(torch.zeros(10_000))
+        ... except funchess.MemoryBudgetError as e:
+        ...     print("needs" in str(e))
+        True
+    """
+
+    #: the `funchess.MemoryPlan` that did not fit (None when raised without one)
+    plan: object = None

@@ -20,18 +20,31 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._compat import jvp, vjp
-from ._errors import InvalidArgumentError, OutputError, StructureError, UnsupportedError
-from ._jacobian import check_chunk_size, jac_fwd, jac_rev, safe_ops
+from ._compat import inside_transform, jvp, vjp
+from ._engine import DenseSink, DiagonalSink, Layout, SelectedSink, groups
+from ._engine import run as engine_run
+from ._errors import InvalidArgumentError, MemoryBudgetError, OutputError, StructureError, UnsupportedError
+from ._jacobian import check_chunk_size, default_chunk, jac_fwd, jac_rev, safe_ops
+from ._memory import (
+    _DEFAULT_FRACTION,
+    MemoryPlan,
+    available_bytes,
+    make_plan,
+    parse_bytes,
+    saved_bytes,
+    too_big,
+)
+from ._select import Blocks, resolve_blocks, resolve_leaves
 from ._tree import tree_flatten, tree_map
 
-__all__ = ["hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
+__all__ = ["hessian", "hessian_diagonal", "plan_hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
 
 PyTree = Any
 Mode = Literal["auto", "rev-rev", "fwd-rev"]
@@ -171,6 +184,17 @@ def _with_primals(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     return h
 
 
+def _scalar_fn(h: Callable[..., Any], call: str, has_aux: bool) -> Callable[..., Any]:
+    """`h` with its output checked: a real floating scalar (and aux with has_aux)."""
+
+    def scalar(*primals: Any) -> Any:
+        value, aux = _split_aux(call, h(*primals), has_aux)
+        value = _check_scalar(call, value)
+        return (value, aux) if has_aux else value
+
+    return scalar
+
+
 def _gradient(
     h: Callable[..., Any], call: str, has_aux: bool, single: bool, *, for_jvp: bool = False
 ) -> Callable[..., Any]:
@@ -182,10 +206,7 @@ def _gradient(
     batched forms decompose into operators that have forward rules. This is what `jacrev` does too.
     """
 
-    def scalar(*primals: Any) -> Any:
-        value, aux = _split_aux(call, h(*primals), has_aux)
-        value = _check_scalar(call, value)
-        return (value, aux) if has_aux else value
+    scalar = _scalar_fn(h, call, has_aux)
 
     def g(*primals: Any) -> Any:
         if has_aux:
@@ -256,13 +277,98 @@ def _run(call: str, state: dict[str, str | None], runners: dict[str, Callable[[]
 # ----------------------------------------------------------------------------- public API
 
 
+ChunkSize = Union[int, Literal["auto"], None]
+
+
+def _check_chunk(call: str, chunk_size: ChunkSize) -> int | None:
+    """None for "plan it", else the validated int."""
+    if chunk_size is None or chunk_size == "auto":
+        return None
+    check_chunk_size(call, chunk_size)  # type: ignore[arg-type]
+    return chunk_size  # type: ignore[return-value]
+
+
+@dataclass
+class _Prepared:
+    """One call's differentiated arguments, their leaves, and the checked scalar function."""
+
+    call: str
+    primals: tuple[Any, ...]
+    layout: Layout
+    h: Callable[..., Any]
+
+
+def _prepare(
+    call: str, f: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> _Prepared:
+    nums = _argnums(call, argnums, len(args))
+    primals = tuple(args[i] for i in nums)
+    _check_primals(call, primals, [f"argument {i}" for i in nums])
+    h = _scalar_fn(_with_primals(f, args, kwargs, nums), call, has_aux)
+    return _Prepared(call, primals, Layout(primals, isinstance(argnums, int)), h)
+
+
+def _plan(
+    prep: _Prepared,
+    request: set[tuple[int, int]],
+    output_entries: int,
+    chunk_size: int | None,
+    budget: int | None,
+    budget_from: str,
+    what: str,
+) -> MemoryPlan:
+    """Plan a block computation; raise MemoryBudgetError before allocating if it cannot fit."""
+    lay = prep.layout
+    itemsize = max(leaf.element_size() for leaf in lay.leaves)
+    device = lay.leaves[0].device
+    grouped = groups(request, forward=False)
+    max_width = max(sum(lay.sizes[y] for y in Y) for _, Y in grouped)
+    max_rows = max(lay.sizes[x] for x, _ in grouped)
+    if inside_transform():  # no probing under vmap/grad: a bounded default
+        chunk = chunk_size or default_chunk(max_rows, max_width)
+        return MemoryPlan(output_entries * itemsize, 0, max_width * itemsize, chunk, 0, 2**62, str(device))
+    saved = saved_bytes(prep.h, prep.primals, lay.leaves, lay.rebuild) if chunk_size is None else 0
+    plan = make_plan(
+        output_bytes=output_entries * itemsize,
+        saved=saved,
+        max_width=max_width,
+        max_rows=max_rows,
+        itemsize=itemsize,
+        chunk_size=chunk_size,
+        budget=budget if budget is not None else int(_DEFAULT_FRACTION * available_bytes(device)),
+        device=device,
+    )
+    if not plan.fits:
+        raise too_big(prep.call, what, plan, budget_from)
+    return plan
+
+
+def _budget(call: str, max_memory: int | float | str | None) -> tuple[int | None, str]:
+    if max_memory is None:
+        return None, "80% of the device's free memory"
+    return parse_bytes(call, max_memory), f"max_memory={max_memory!r}"
+
+
+def _blocks_runner(
+    prep: _Prepared, request: set[tuple[int, int]], make_sink: Callable[[], Any], finish: Callable[[Any], Any], has_aux: bool, chunk: int
+) -> dict[str, Callable[[], Any]]:
+    def runner(forward: bool) -> Any:
+        sink = make_sink()
+        aux = engine_run(prep.h, prep.layout, request, sink, forward=forward, has_aux=has_aux, chunk_for=lambda rows, width: chunk)
+        return finish(sink), aux
+
+    return {"rev-rev": lambda: runner(False), "fwd-rev": lambda: runner(True)}
+
+
 def hessian(
     f: Callable[..., Any],
     argnums: int | tuple[int, ...] = 0,
     *,
     has_aux: bool = False,
     mode: Mode = "auto",
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
+    blocks: Blocks = None,
+    max_memory: int | float | str | None = None,
 ) -> Callable[..., Any]:
     """The Hessian of a scalar function, as a structured pytree of blocks.
 
@@ -270,23 +376,41 @@ def hessian(
     is the *tree product* of the differentiated argument with itself (JAX's spec, and what
     `torch.func.hessian` returns): for a params dict, `H[a][b]` has shape
     `(*params[a].shape, *params[b].shape)`; for a Tensor `x`, `H.shape == (*x.shape, *x.shape)`;
-    for `argnums=(0, 1)`, `H[i][j]` is the tree product of `args[i]` and `args[j]`.
-    `funchess.to_matrix(H)` gives the dense `(N, N)` matrix (zero-copy: the blocks are views of it).
+    for `argnums=(0, 1)`, `H[i][...][j][...]` is the tree product of `args[i]` and `args[j]`.
+    `funchess.to_matrix(H)` gives the dense `(N, N)` matrix without a copy: the blocks are views of
+    one preallocated matrix.
 
-    Composition: "rev-rev" is `vjp` of the gradient, `vmap`ped over chunks of basis rows
-    (`jacrev(grad(f))`); "fwd-rev" is `jacfwd(grad(f))`; "auto" (default) tries "rev-rev" and falls
-    back to "fwd-rev" when an operator lacks a double-backward rule. Rows are computed
-    `chunk_size` at a time into one preallocated matrix, so peak memory is about the Hessian itself
-    plus one chunk's working set. It composes with `torch.func.vmap` (per-sample Hessians), `grad`
-    and the other torch.func transforms.
+    Symmetry: each pair of blocks is computed once; `H[b][a]` is a copy of `H[a][b]`'s transpose
+    (inside the one matrix). In reverse mode the rows of block `a` are differentiated only with
+    respect to the parameters after `a`, so for a tangent in a later layer the second backward pass
+    never goes below that layer.
+
+    Composition: "rev-rev" is `vjp` of the gradient of each block, `vmap`ped over chunks of basis
+    rows (`jacrev(grad(f))`, block by block); "fwd-rev" is `vmap` of `jvp` through the gradient
+    (`jacfwd(grad(f))`); "auto" (default) tries "rev-rev" and falls back to "fwd-rev" when an
+    operator lacks a double-backward rule. It composes with `torch.func.vmap` (per-sample
+    Hessians), `grad` and the other torch.func transforms.
+
+    Memory: before allocating, a planner estimates the output, the graph and the working set per
+    row (from one probe forward that measures the activations autograd saves) and picks the
+    largest chunk of rows that fits the budget; if even the output cannot fit, it raises
+    `MemoryBudgetError` saying what is needed. See `funchess.plan_hessian`.
 
     Args:
         f: a function returning a scalar Tensor (or `(scalar, aux)` with `has_aux=True`).
         argnums: which positional argument(s) to differentiate: an int or a tuple of ints.
         has_aux: f returns `(value, aux)`; the transform then returns `(H, aux)`.
         mode: "auto", "rev-rev" or "fwd-rev" (see above).
-        chunk_size: Hessian rows per vectorised pass. None picks a size that bounds each chunk's
-            output (at most 256 rows); smaller uses less memory, larger is faster.
+        chunk_size: Hessian rows per vectorised pass. "auto" (default; None means the same) lets
+            the planner pick (at most 256); an int fixes it (smaller uses less memory).
+        blocks: None for the full Hessian; "diagonal" for the diagonal blocks `H[a][a]` only; or a
+            list of parameter names / glob patterns `p` (all blocks among the matching
+            parameters) and pairs `(p, q)` (blocks `H[a][b]`, `a` matching `p`, `b` matching `q`).
+            Only those blocks are computed. With blocks, the result is a dict of dicts keyed by
+            parameter name (leaf paths joined by '.'); a requested mirror `H[b][a]` of a computed
+            `H[a][b]` is a transposed view.
+        max_memory: the memory budget in bytes or as a string ("4GiB", "500MB"); default 80 % of
+            the free memory of the device the arguments live on.
 
     Returns:
         A function with f's signature returning the Hessian pytree (and aux with `has_aux=True`).
@@ -294,7 +418,9 @@ def hessian(
 
     Raises:
         OutputError: f does not return a scalar floating Tensor (or a pair with `has_aux=True`).
-        InvalidArgumentError: bad argnums, mode, chunk_size, or a non-float/empty argument.
+        InvalidArgumentError: bad argnums, mode, chunk_size, blocks, max_memory, or a
+            non-float/empty argument.
+        MemoryBudgetError: the computation cannot fit the budget (raised before allocating).
         UnsupportedError: an operator in f cannot be differentiated twice by any composition.
 
     Example:
@@ -307,35 +433,144 @@ def hessian(
         torch.Size([2, 3, 4])
         >>> funchess.to_matrix(H).shape
         torch.Size([10, 10])
+        >>> list(funchess.hessian(f, blocks="diagonal")(params)["b"])
+        ['b']
     """
-    call = _fmt_call("hessian", f, {"argnums": argnums or None, "mode": None if mode == "auto" else mode, "chunk_size": chunk_size})
+    opts = {"argnums": argnums or None, "mode": None if mode == "auto" else mode,
+            "chunk_size": None if chunk_size == "auto" else chunk_size, "blocks": blocks,
+            "max_memory": max_memory}
+    call = _fmt_call("hessian", f, opts)
     _check_callable(call, f)
     _check_mode(call, mode)
-    check_chunk_size(call, chunk_size)
+    chunk = _check_chunk(call, chunk_size)
+    budget, budget_from = _budget(call, max_memory)
     state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
-    single = isinstance(argnums, int)
 
     @functools.wraps(f)
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
-        here = f"{call}(...)"
-        nums = _argnums(here, argnums, len(args))
-        primals = tuple(args[i] for i in nums)
-        _check_primals(here, primals, [f"argument {i}" for i in nums])
-        h = _with_primals(f, args, kwargs, nums)
-        g_rev = _gradient(h, here, has_aux, single)
-        g_fwd = _gradient(h, here, has_aux, single, for_jvp=True)
-        inner = primals[0] if single else primals
-        H, aux = _run(
-            here,
-            state,
-            {
-                "rev-rev": lambda: jac_rev(g_rev, primals, inner, has_aux=has_aux, chunk_size=chunk_size),
-                "fwd-rev": lambda: jac_fwd(g_fwd, primals, inner, has_aux=has_aux, chunk_size=chunk_size),
-            },
-        )
+        prep = _prepare(f"{call}(...)", f, argnums, has_aux, args, kwargs)
+        lay = prep.layout
+        request, wanted = resolve_blocks(prep.call, blocks, lay.names)
+        entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
+        what = f"the Hessian of {lay.N:,} parameters" if wanted is None else f"{len(request)} Hessian block(s)"
+        with safe_ops():
+            plan = _plan(prep, request, entries, chunk, budget, budget_from, what)
+        if wanted is None:
+            runners = _blocks_runner(prep, request, lambda: DenseSink(lay), lambda sink: sink.finish(), has_aux, plan.chunk_size)
+        else:
+            runners = _blocks_runner(prep, request, lambda: SelectedSink(lay), lambda sink: sink.finish(wanted), has_aux, plan.chunk_size)
+        H, aux = _run(prep.call, state, runners)
         return (H, aux) if has_aux else H
 
     return hessian_fn
+
+
+def hessian_diagonal(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    mode: Mode = "auto",
+    chunk_size: ChunkSize = "auto",
+    blocks: str | Sequence[str] | None = None,
+    max_memory: int | float | str | None = None,
+) -> Callable[..., Any]:
+    """The exact diagonal of the Hessian, shaped like the parameters, in O(N) memory.
+
+    `hessian_diagonal(f)(params)["w"][i, j]` is `d²f / dw[i, j]²`. Exact (not an estimate): each
+    chunk of basis rows of a parameter is differentiated only with respect to that parameter (the
+    block-diagonal computation, pruned by autograd), and only the diagonal entries are kept, so
+    memory is O(N) plus one chunk's working set. For an estimate from a few HVPs instead, see the
+    stochastic estimators.
+
+    Args:
+        f, argnums, has_aux, mode, chunk_size, max_memory: as for `funchess.hessian`.
+        blocks: None for every parameter (the result is shaped like the differentiated argument),
+            or parameter names / glob patterns: then only those diagonals are computed and the
+            result is a dict keyed by parameter name.
+
+    Returns:
+        A function with f's signature returning the diagonal (and aux with `has_aux=True`).
+
+    Example:
+        >>> import torch, funchess
+        >>> f = lambda p: (p["w"] ** 3).sum() + (p["w"] * p["b"]).sum()
+        >>> p = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 4.0])}
+        >>> funchess.hessian_diagonal(f)(p)
+        {'w': tensor([ 6., 12.]), 'b': tensor([0., 0.])}
+    """
+    opts = {"argnums": argnums or None, "mode": None if mode == "auto" else mode,
+            "chunk_size": None if chunk_size == "auto" else chunk_size, "blocks": blocks,
+            "max_memory": max_memory}
+    call = _fmt_call("hessian_diagonal", f, opts)
+    _check_callable(call, f)
+    _check_mode(call, mode)
+    chunk = _check_chunk(call, chunk_size)
+    budget, budget_from = _budget(call, max_memory)
+    state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+
+    @functools.wraps(f)
+    def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
+        prep = _prepare(f"{call}(...)", f, argnums, has_aux, args, kwargs)
+        lay = prep.layout
+        chosen = resolve_leaves(prep.call, blocks, lay.names)
+        request = {(x, x) for x in chosen}
+        with safe_ops():
+            plan = _plan(prep, request, sum(lay.sizes[x] for x in chosen), chunk, budget, budget_from, "the Hessian diagonal")
+        runners = _blocks_runner(
+            prep, request, lambda: DiagonalSink(lay), lambda sink: sink.finish(chosen, as_tree=blocks is None), has_aux, plan.chunk_size
+        )
+        diag, aux = _run(prep.call, state, runners)
+        return (diag, aux) if has_aux else diag
+
+    return diagonal_fn
+
+
+def plan_hessian(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    chunk_size: ChunkSize = "auto",
+    blocks: Blocks = None,
+    diagonal: bool = False,
+    max_memory: int | float | str | None = None,
+) -> Callable[..., MemoryPlan]:
+    """What `funchess.hessian` (or `hessian_diagonal` with `diagonal=True`) would need: a `MemoryPlan`.
+
+    Nothing large is allocated: one probe forward measures the activations autograd saves, and
+    the plan adds the output, the kept graph and the working set of each row in a chunk. Use it to
+    check a computation before running it, or to see the chunk size the planner would pick.
+
+    Example:
+        >>> import torch, funchess
+        >>> plan = funchess.plan_hessian(lambda w: (w.tanh() ** 2).sum(), max_memory="1GiB")(torch.zeros(4000))
+        >>> plan.output_bytes, plan.fits
+        (64000000, True)
+        >>> funchess.plan_hessian(lambda w: w.sum(), max_memory="1MiB")(torch.zeros(4000)).fits
+        False
+    """
+    call = _fmt_call("plan_hessian", f, {"argnums": argnums or None, "blocks": blocks, "max_memory": max_memory})
+    _check_callable(call, f)
+    chunk = _check_chunk(call, chunk_size)
+    budget, _ = _budget(call, max_memory)
+
+    def plan_fn(*args: Any, **kwargs: Any) -> MemoryPlan:
+        prep = _prepare(f"{call}(...)", f, argnums, False, args, kwargs)
+        lay = prep.layout
+        if diagonal:
+            request = {(x, x) for x in range(len(lay.leaves))}
+            entries = lay.N
+        else:
+            request, wanted = resolve_blocks(prep.call, blocks, lay.names)
+            entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
+        with safe_ops():
+            try:
+                return _plan(prep, request, entries, chunk, budget, "", "")
+            except MemoryBudgetError as exc:
+                assert isinstance(exc.plan, MemoryPlan)
+                return exc.plan
+
+    return plan_fn
 
 
 def _check_tangents(call: str, primals: Any, tangents: Any) -> None:

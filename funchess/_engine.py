@@ -1,0 +1,301 @@
+"""The block engine under `hessian` and `hessian_diagonal`: every unordered block pair once.
+
+The differentiated arguments are flattened into leaves `0..n-1` (one stable order). A request is a
+set of unordered leaf pairs `{x, y}` (all of them for the full Hessian, `{x, x}` for the diagonal
+blocks, a selection otherwise). Each pair is computed once, as rows of `H[x][y]`, and mirrored:
+
+- reverse mode ("rev-rev") groups pairs by their *earlier* leaf `x`. For each group it takes the
+  gradient with respect to leaf `x` alone as a function of the partner leaves `Y`, then `vmap`s
+  its `vjp` over chunks of basis rows of `x`. Leaves outside `Y` are constants, so autograd never
+  walks below them: for a tangent in a later layer the second backward pass stops at that layer.
+- forward mode ("fwd-rev") groups pairs by their *later* leaf `x` and `vmap`s a `jvp` in the
+  directions of `x` through the gradient with respect to `Y`; by symmetry the columns it yields
+  are the rows of `H[x][y]`.
+
+Sinks receive the rows: `DenseSink` writes the full Hessian into one preallocated `(N, N)` matrix
+and copies each computed block's transpose into its mirror; `SelectedSink` keeps chosen blocks;
+`DiagonalSink` keeps only diagonal entries (O(N) memory). Inside torch.func transforms nothing is
+written in place: pieces are concatenated instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ._compat import inside_transform, jvp, vjp
+from ._tree import blocks_of, offsets, tree_flatten, tree_product, tree_unflatten
+
+PyTree = Any
+Pair = tuple[int, int]
+
+
+class Layout:
+    """The leaves of the differentiated arguments, their shapes, offsets and names."""
+
+    def __init__(self, primals: tuple[Any, ...], single: bool) -> None:
+        self.single = single
+        tree = primals[0] if single else primals
+        self.leaves, self.spec = tree_flatten(tree)
+        self.shapes = [leaf.shape for leaf in self.leaves]
+        self.sizes = [leaf.numel() for leaf in self.leaves]
+        self.off = offsets(self.shapes)
+        self.N = self.off[-1]
+        self.names = [".".join(str(k) for k in path) for path in self.spec.paths()]
+
+    def rebuild(self, leaves: Sequence[Tensor]) -> tuple[Any, ...]:
+        tree = tree_unflatten(self.spec, leaves)
+        return (tree,) if self.single else tuple(tree)
+
+    def block_shape(self, x: int, y: int) -> tuple[int, ...]:
+        return (*self.shapes[x], *self.shapes[y])
+
+
+def groups(pairs: set[Pair], forward: bool) -> list[tuple[int, list[int]]]:
+    """Group unordered pairs `(i <= j)`: by `i` in reverse mode, by `j` in forward mode."""
+    by: dict[int, set[int]] = {}
+    for i, j in pairs:
+        x, y = (j, i) if forward else (i, j)
+        by.setdefault(x, set()).add(y)
+    return [(x, sorted(by[x])) for x in sorted(by)]
+
+
+def _basis(s: int, e: int, shape: torch.Size, like: Tensor) -> Tensor:
+    """Basis vectors `s..e-1` of one leaf, batched: shape `(e - s, *shape)`."""
+    k, n = e - s, like.numel()
+    flat = torch.zeros(k, n, dtype=like.dtype, device=like.device)
+    idx = torch.arange(k, device=like.device)
+    flat[idx, idx + s] = 1
+    return flat.reshape((k, *shape))
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+def run(
+    h: Callable[..., Any],
+    layout: Layout,
+    request: set[Pair],
+    sink: Sink,
+    *,
+    forward: bool,
+    has_aux: bool,
+    chunk_for: Callable[[int, int], int],
+) -> Any:
+    """Compute every pair of `request` into `sink`; returns the aux of the first group (or None).
+
+    `h(*primals)` returns the scalar (or `(scalar, aux)`); `chunk_for(rows, width)` gives the rows
+    per vectorised pass for a group whose rows have `width` entries.
+    """
+    fixed = layout.leaves
+    aux_out: Any = None
+    first = True
+    for x, Y in groups(request, forward):
+        width = sum(layout.sizes[y] for y in Y)
+        chunk = max(1, chunk_for(layout.sizes[x], width))
+        if forward:
+            rows_of, aux = _forward_group(h, layout, fixed, x, Y, has_aux)
+        else:
+            rows_of, aux = _reverse_group(h, layout, fixed, x, Y, has_aux)
+        if first:
+            aux_out, first = aux, False
+        for s, e in _chunks(layout.sizes[x], chunk):
+            outs = rows_of(_basis(s, e, layout.shapes[x], fixed[x]))
+            for y, out in zip(Y, outs):
+                sink.put(x, y, s, e, out.reshape(e - s, -1))
+            del outs
+    return aux_out
+
+
+def _place(fixed: Sequence[Tensor], D: Sequence[int], values: Sequence[Tensor]) -> list[Tensor]:
+    leaves = list(fixed)
+    for i, t in zip(D, values):
+        leaves[i] = t
+    return leaves
+
+
+def _reverse_group(
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], x: int, D: list[int], has_aux: bool
+) -> tuple[Callable[[Tensor], Sequence[Tensor]], Any]:
+    def grad_x(*d: Tensor) -> Any:
+        def inner(lx: Tensor) -> Any:
+            leaves = _place(fixed, D, d)
+            leaves[x] = lx
+            return h(*layout.rebuild(leaves))
+
+        lx0 = d[D.index(x)] if x in D else fixed[x]
+        out = vjp(inner, lx0, has_aux=has_aux)
+        (gx,) = out[1](torch.ones_like(out[0]))
+        return (gx, out[2]) if has_aux else gx
+
+    out = vjp(grad_x, *[fixed[i] for i in D], has_aux=has_aux)
+    pullback = vmap(out[1])
+    return pullback, (out[2] if has_aux else None)
+
+
+def _forward_group(
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], x: int, D: list[int], has_aux: bool
+) -> tuple[Callable[[Tensor], Sequence[Tensor]], Any]:
+    def grads_D(lx: Tensor) -> Any:
+        def inner(*d: Tensor) -> Any:
+            leaves = _place(fixed, D, d)
+            if x not in D:
+                leaves[x] = lx
+            return h(*layout.rebuild(leaves))
+
+        out = vjp(inner, *[lx if i == x else fixed[i] for i in D], has_aux=has_aux)
+        # the pullback under a size-one vmap: forward mode over some plain pullbacks crashes
+        # ("ZeroTensors are immutable" in mse_loss_backward, pytorch#123996)
+        grads = vmap(out[1])(torch.ones_like(out[0]).unsqueeze(0))
+        grads = tuple(g[0] for g in grads)
+        return (grads, out[2]) if has_aux else grads
+
+    def push(t: Tensor) -> Any:
+        if has_aux:
+            _, tangent_out, aux = jvp(grads_D, (fixed[x],), (t,), has_aux=True)
+            return tangent_out, aux
+        return jvp(grads_D, (fixed[x],), (t,))[1]
+
+    out_dims: Any = (0, None) if has_aux else 0
+    batched = vmap(push, out_dims=out_dims)
+    aux_box: list[Any] = [None]
+
+    def rows_of(basis: Tensor) -> Sequence[Tensor]:
+        result = batched(basis)
+        if has_aux:
+            result, aux_box[0] = result
+        return result  # type: ignore[no-any-return]
+
+    if has_aux:  # aux without a vectorised pass: one plain evaluation
+        aux0 = h(*layout.rebuild(list(fixed)))[1]
+        return rows_of, aux0
+    return rows_of, None
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+class Sink:
+    """Receives rows `s..e` of block `H[x][y]` as a `(e - s, numel(y))` piece."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.functional = inside_transform()
+        self.pieces: dict[Pair, list[Tensor]] = {}
+
+    def put(self, x: int, y: int, s: int, e: int, piece: Tensor) -> None:
+        raise NotImplementedError
+
+    def _collect(self, x: int, y: int, piece: Tensor) -> None:
+        self.pieces.setdefault((x, y), []).append(piece)
+
+    def _assembled(self, x: int, y: int) -> Tensor:
+        return torch.cat(self.pieces[(x, y)], 0).reshape(self.layout.block_shape(x, y))
+
+
+def transposed(block: Tensor, ndim_x: int) -> Tensor:
+    """`H[y][x]` from `H[x][y]` (shape `(*x, *y)` -> `(*y, *x)`), as a view."""
+    ndim_y = block.dim() - ndim_x
+    return block.permute(*range(ndim_x, ndim_x + ndim_y), *range(ndim_x))
+
+
+class DenseSink(Sink):
+    """The full Hessian: one preallocated `(N, N)` matrix; mirrors are copied in `finish`."""
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.M: Tensor | None = None
+        self.computed: set[Pair] = set()
+
+    def put(self, x: int, y: int, s: int, e: int, piece: Tensor) -> None:
+        if self.functional:
+            self._collect(x, y, piece)
+            return
+        off = self.layout.off
+        if self.M is None:
+            self.M = piece.new_empty(self.layout.N, self.layout.N)
+        self.M[off[x] + s : off[x] + e, off[y] : off[y + 1]].copy_(piece)
+        self.computed.add((x, y))
+
+    def finish(self) -> PyTree:
+        lay = self.layout
+        outer = (lay.shapes, lay.spec)
+        if not self.functional:
+            assert self.M is not None
+            M, off = self.M, lay.off
+            for x, y in self.computed:
+                if x != y:
+                    M[off[y] : off[y + 1], off[x] : off[x + 1]].copy_(M[off[x] : off[x + 1], off[y] : off[y + 1]].T)
+            return blocks_of(M, outer, outer)
+        computed = {xy: self._assembled(*xy) for xy in self.pieces}
+
+        def block(a: int, b: int) -> Tensor:
+            if (a, b) in computed:
+                return computed[(a, b)]
+            return transposed(computed[(b, a)], len(lay.shapes[b]))
+
+        return tree_product(outer, outer, block)
+
+
+class SelectedSink(Sink):
+    """Chosen blocks, each in its own buffer; a requested mirror is a transposed view."""
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.buffers: dict[Pair, Tensor] = {}
+
+    def put(self, x: int, y: int, s: int, e: int, piece: Tensor) -> None:
+        if self.functional:
+            self._collect(x, y, piece)
+            return
+        buf = self.buffers.get((x, y))
+        if buf is None:
+            buf = self.buffers[(x, y)] = piece.new_empty(self.layout.sizes[x], self.layout.sizes[y])
+        buf[s:e].copy_(piece)
+
+    def finish(self, wanted: Sequence[Pair]) -> dict[str, dict[str, Tensor]]:
+        lay = self.layout
+        if self.functional:
+            computed = {xy: self._assembled(*xy) for xy in self.pieces}
+        else:
+            computed = {xy: buf.reshape(lay.block_shape(*xy)) for xy, buf in self.buffers.items()}
+        out: dict[str, dict[str, Tensor]] = {}
+        for a, b in sorted(wanted):
+            block = computed[(a, b)] if (a, b) in computed else transposed(computed[(b, a)], len(lay.shapes[b]))
+            out.setdefault(lay.names[a], {})[lay.names[b]] = block
+        return out
+
+
+class DiagonalSink(Sink):
+    """Only the diagonal entries of diagonal blocks: O(N) memory."""
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.diag: dict[int, Tensor] = {}
+
+    def put(self, x: int, y: int, s: int, e: int, piece: Tensor) -> None:
+        idx = torch.arange(e - s, device=piece.device)
+        values = piece[idx, idx + s]
+        if self.functional:
+            self._collect(x, x, values)
+            return
+        buf = self.diag.get(x)
+        if buf is None:
+            buf = self.diag[x] = values.new_empty(self.layout.sizes[x])
+        buf[s:e].copy_(values)
+
+    def finish(self, leaves: Sequence[int], as_tree: bool) -> PyTree:
+        lay = self.layout
+        if self.functional:
+            vals = {x: torch.cat(self.pieces[(x, x)]).reshape(lay.shapes[x]) for x in leaves}
+        else:
+            vals = {x: self.diag[x].reshape(lay.shapes[x]) for x in leaves}
+        if as_tree:
+            return tree_unflatten(lay.spec, [vals[x] for x in range(len(lay.leaves))])
+        return {lay.names[x]: vals[x] for x in leaves}

@@ -1,0 +1,169 @@
+"""Memory planning: estimate what a Hessian call needs before anything large is allocated.
+
+The estimate has three parts:
+
+- the output (`N*N` entries for the full Hessian, the chosen blocks, or `N` for the diagonal);
+- the graph kept while the chunks run: the forward's saved activations plus the first backward
+  built with `create_graph` (about `3 A`, `A` the bytes autograd saves in one forward);
+- per row of a vectorised pass: the double backward's intermediates (about `3.5 A`, measured on
+  MLPs and conv nets, see tests/test_memory.py) plus the basis row and the result row.
+
+`A` is measured, not guessed: one forward runs under `torch.autograd.graph.saved_tensors_hooks`
+that add up the bytes of every saved tensor. The budget is `max_memory` or, by default, 80 % of
+the free memory of the device (`MemAvailable` on CPU, `torch.cuda.mem_get_info` on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import InvalidArgumentError, MemoryBudgetError
+
+_GRAPH_FACTOR = 3.0
+_ROW_FACTOR = 3.5
+_DEFAULT_FRACTION = 0.8
+MAX_CHUNK = 256  # larger chunks were not faster on CPU in our measurements (benchmarks/RESULTS.md)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def format_bytes(n: float) -> str:
+    """`1536` -> `'1.5 KiB'`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def parse_bytes(call: str, value: int | float | str) -> int:
+    """`4 * 2**30`, `"4GiB"`, `"500 MB"` -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise InvalidArgumentError(
+        f"{call}: expected max_memory to be a positive number of bytes or a size like '4GiB' or "
+        f"'500MB', got {value!r}."
+    )
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the CUDA allocator's view, or `MemAvailable` for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + reserved_unused)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:  # pragma: no cover - not Linux
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 2**62
+
+
+def saved_bytes(h: Callable[..., Any], primals: tuple[Any, ...], leaves: list[Tensor], rebuild: Callable[[list[Tensor]], tuple[Any, ...]]) -> int:
+    """Bytes autograd saves for backward in one evaluation of `h` at `primals` (a probe)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h(*rebuild(fresh))
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a Hessian computation needs, estimated before it allocates anything large.
+
+    Attributes:
+        output_bytes: the result (all blocks, the chosen blocks, or the diagonal).
+        graph_bytes: the forward and first-backward graph kept while the chunks run.
+        row_bytes: the working set of one row in a vectorised pass.
+        chunk_size: rows per pass (the largest that fits the budget, at most 256, when planned).
+        peak_bytes: `output_bytes + graph_bytes + chunk_size * row_bytes`.
+        budget_bytes: `max_memory`, or 80 % of the device's free memory.
+        device: where the computation runs.
+
+    Example:
+        >>> import torch, funchess
+        >>> plan = funchess.plan_hessian(lambda w: (w.sin() ** 2).sum())(torch.zeros(1000))
+        >>> plan.output_bytes == 1000 * 1000 * 4
+        True
+        >>> plan.fits
+        True
+    """
+
+    output_bytes: int
+    graph_bytes: int
+    row_bytes: int
+    chunk_size: int
+    peak_bytes: int
+    budget_bytes: int
+    device: str
+
+    @property
+    def fits(self) -> bool:
+        """Whether `peak_bytes` fits the budget."""
+        return self.peak_bytes <= self.budget_bytes
+
+    def __str__(self) -> str:
+        return (
+            f"needs {format_bytes(self.peak_bytes)} on {self.device} (output "
+            f"{format_bytes(self.output_bytes)} + graph {format_bytes(self.graph_bytes)} + "
+            f"{self.chunk_size} rows x {format_bytes(self.row_bytes)}) of a budget of "
+            f"{format_bytes(self.budget_bytes)}"
+        )
+
+
+def make_plan(
+    *,
+    output_bytes: int,
+    saved: int,
+    max_width: int,
+    max_rows: int,
+    itemsize: int,
+    chunk_size: int | None,
+    budget: int,
+    device: torch.device,
+) -> MemoryPlan:
+    graph = int(_GRAPH_FACTOR * saved)
+    row = int(math.ceil(_ROW_FACTOR * saved + (2 * max_width + max_rows) * itemsize))
+    if chunk_size is None:
+        room = budget - output_bytes - graph
+        chunk = max(1, min(MAX_CHUNK, max_rows, room // max(row, 1)))
+    else:
+        chunk = chunk_size
+    return MemoryPlan(output_bytes, graph, row, int(chunk), output_bytes + graph + int(chunk) * row, budget, str(device))
+
+
+def too_big(call: str, what: str, plan: MemoryPlan, budget_from: str) -> MemoryBudgetError:
+    error = MemoryBudgetError(
+        f"{call}: {what} {plan}; expected it to fit the budget ({budget_from}). Compute fewer "
+        f"blocks (blocks='diagonal' or blocks=['layer.*']), only the diagonal "
+        f"(funchess.hessian_diagonal), use matrix-free products (funchess.hvp), pass a larger "
+        f"max_memory, or use a device with more memory."
+    )
+    error.plan = plan
+    return error
