@@ -11,6 +11,7 @@ __all__ = [
     "StructureError",
     "OutputError",
     "UnsupportedError",
+    "ConvergenceWarning",
 ]
 
 
@@ -81,5 +82,18 @@ class UnsupportedError(FunchessError, RuntimeError):
     Example:
         >>> import funchess
         >>> issubclass(funchess.UnsupportedError, RuntimeError)
+        True
+    """
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method (`funchess.eigsh`, `funchess.cg`) stopped before reaching its tolerance.
+
+    The result is still returned (its `converged` field is False); raise `max_iter` or loosen the
+    tolerance. Turn it into an error with `warnings.simplefilter("error", funchess.ConvergenceWarning)`.
+
+    Example:
+        >>> import funchess
+        >>> issubclass(funchess.ConvergenceWarning, UserWarning)
         True
     """
