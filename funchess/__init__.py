@@ -15,6 +15,7 @@ Example:
     torch.Size([67, 67])
 """
 
+from ._errors import ConvergenceWarning as ConvergenceWarning
 from ._errors import FunchessError as FunchessError
 from ._errors import InvalidArgumentError as InvalidArgumentError
 from ._errors import MemoryBudgetError as MemoryBudgetError
@@ -31,6 +32,23 @@ from ._hessian import jacrev as jacrev
 from ._hessian import plan_hessian as plan_hessian
 from ._hessian import vhp as vhp
 from ._memory import MemoryPlan as MemoryPlan
+from ._operator import DenseOperator as DenseOperator
+from ._operator import FunctionOperator as FunctionOperator
+from ._operator import HessianOperator as HessianOperator
+from ._operator import LinearOperator as LinearOperator
+from ._operator import diagonal as diagonal
+from ._operator import trace as trace
+from ._spectral import DiagonalEstimate as DiagonalEstimate
+from ._spectral import EigenResult as EigenResult
+from ._spectral import SolveResult as SolveResult
+from ._spectral import SpectralDensity as SpectralDensity
+from ._spectral import TraceEstimate as TraceEstimate
+from ._spectral import cg as cg
+from ._spectral import diagonal_estimate as diagonal_estimate
+from ._spectral import eigsh as eigsh
+from ._spectral import hutchinson_trace as hutchinson_trace
+from ._spectral import hutchpp_trace as hutchpp_trace
+from ._spectral import spectral_density as spectral_density
 from ._tree import from_matrix as from_matrix
 from ._tree import ravel as ravel
 from ._tree import to_matrix as to_matrix
@@ -59,4 +77,23 @@ __all__ = [
     "to_matrix",
     "unravel",
     "vhp",
+    # matrix-free operators and spectral tools
+    "ConvergenceWarning",
+    "DenseOperator",
+    "DiagonalEstimate",
+    "EigenResult",
+    "FunctionOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "SolveResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "cg",
+    "diagonal",
+    "diagonal_estimate",
+    "eigsh",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "spectral_density",
+    "trace",
 ]

@@ -12,6 +12,7 @@ __all__ = [
     "OutputError",
     "UnsupportedError",
     "MemoryBudgetError",
+    "ConvergenceWarning",
 ]
 
 
@@ -102,3 +103,14 @@ class MemoryBudgetError(FunchessError, MemoryError):
 
     #: the `funchess.MemoryPlan` that did not fit (None when raised without one)
     plan: object = None
+class ConvergenceWarning(UserWarning):
+    """An iterative method (`funchess.eigsh`, `funchess.cg`) stopped before reaching its tolerance.
+
+    The result is still returned (its `converged` field is False); raise `max_iter` or loosen the
+    tolerance. Turn it into an error with `warnings.simplefilter("error", funchess.ConvergenceWarning)`.
+
+    Example:
+        >>> import funchess
+        >>> issubclass(funchess.ConvergenceWarning, UserWarning)
+        True
+    """

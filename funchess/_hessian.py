@@ -277,7 +277,7 @@ def _run(call: str, state: dict[str, str | None], runners: dict[str, Callable[[]
 # ----------------------------------------------------------------------------- public API
 
 
-ChunkSize = Union[int, Literal["auto"], None]
+ChunkSize = Union[int, Literal["auto"], None]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
 def _check_chunk(call: str, chunk_size: ChunkSize) -> int | None:

@@ -13,7 +13,7 @@ Pair = tuple[int, int]
 #: None (every block), "diagonal" (block-diagonal), or a list whose items are a pattern `p`
 #: (all blocks among the parameters matching `p`) or a pair `(p, q)` (blocks `H[a][b]`, `a`
 #: matching `p`, `b` matching `q`). Patterns are parameter names or `fnmatch` globs.
-Blocks = Union[None, Literal["diagonal"], Sequence[str | tuple[str, str]]]
+Blocks = Union[None, Literal["diagonal"], Sequence[Union[str, tuple[str, str]]]]  # noqa: UP007 (runtime alias, Python 3.10)
 
 
 def _match(call: str, pattern: object, names: Sequence[str]) -> list[int]:

@@ -57,3 +57,14 @@ class ModelSnapshot:
 @pytest.fixture
 def snapshot() -> Iterator[type[ModelSnapshot]]:
     yield ModelSnapshot
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test: sequential HVPs on tiny models with two OpenMP threads on
+    a busy 2-core machine were ~50x slower (spinning threads descheduled). Opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
