@@ -4,9 +4,10 @@ The estimate has three parts:
 
 - the output (`N*N` entries for the full Hessian, the chosen blocks, or `N` for the diagonal);
 - the graph kept while the chunks run: the forward's saved activations plus the first backward
-  built with `create_graph` (about `3 A`, `A` the bytes autograd saves in one forward);
-- per row of a vectorised pass: the double backward's intermediates (about `3.5 A`, measured on
-  MLPs and conv nets, see tests/test_memory.py) plus the basis row and the result row.
+  built with `create_graph` (about `3 A`, `A` the bytes autograd saves in one forward), plus a
+  fixed 8 MiB for the allocator's and Python's own temporaries;
+- per row of a vectorised pass: the double backward's intermediates (about `2 A`; measured
+  0.9-2.2 A on MLPs and conv nets, see tests/test_memory.py) plus the basis row and the result row.
 
 `A` is measured, not guessed: one forward runs under `torch.autograd.graph.saved_tensors_hooks`
 that add up the bytes of every saved tensor. The budget is `max_memory` or, by default, 80 % of
@@ -27,8 +28,10 @@ from torch import Tensor
 from ._errors import InvalidArgumentError, MemoryBudgetError
 
 _GRAPH_FACTOR = 3.0
-_ROW_FACTOR = 3.5
+_ROW_FACTOR = 2.0
 _DEFAULT_FRACTION = 0.8
+_PLAN_FRACTION = 0.95
+_OVERHEAD = 8 * 2**20  # the allocator's and Python's own temporaries, measured on CPU
 MAX_CHUNK = 256  # larger chunks were not faster on CPU in our measurements (benchmarks/RESULTS.md)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -148,10 +151,10 @@ def make_plan(
     budget: int,
     device: torch.device,
 ) -> MemoryPlan:
-    graph = int(_GRAPH_FACTOR * saved)
+    graph = int(_GRAPH_FACTOR * saved) + _OVERHEAD
     row = int(math.ceil(_ROW_FACTOR * saved + (2 * max_width + max_rows) * itemsize))
-    if chunk_size is None:
-        room = budget - output_bytes - graph
+    if chunk_size is None:  # plan against 95 %: the allocator's own slack must fit too
+        room = int(_PLAN_FRACTION * budget) - output_bytes - graph
         chunk = max(1, min(MAX_CHUNK, max_rows, room // max(row, 1)))
     else:
         chunk = chunk_size

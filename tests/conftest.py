@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from cases import CASES, DEVICES, DTYPES, Case
 from hypothesis import HealthCheck, settings
 from torch import nn
+
+from cases import CASES, DEVICES, DTYPES, Case
 
 settings.register_profile(
     "funchess",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import Case
 
 import funchess
 from funchess.testing import assert_hessian_close, reference_hessian, reference_hvp
+
+from cases import Case
 
 
 def _setup(case: Case):  # type: ignore[no-untyped-def]

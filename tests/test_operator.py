@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cases import CASES, Case
 from hypothesis import given
 from hypothesis import strategies as st
 
 import funchess
 from funchess.testing import assert_hessian_close, reference_hessian
+
+from cases import CASES, Case
 
 OPERATOR_CASES = ["mlp_mse", "mlp_ce", "conv", "layernorm", "batchnorm_eval", "tied", "selected"]
 F64 = torch.float64

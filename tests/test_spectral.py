@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from cases import CASES, Case
 
 import funchess
 from funchess.testing import reference_hessian
+
+from cases import CASES, Case
 
 F64 = torch.float64
 
