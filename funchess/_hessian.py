@@ -394,7 +394,8 @@ def hessian(
     Memory: before allocating, a planner estimates the output, the graph and the working set per
     row (from one probe forward that measures the activations autograd saves) and picks the
     largest chunk of rows that fits the budget; if even the output cannot fit, it raises
-    `MemoryBudgetError` saying what is needed. See `funchess.plan_hessian`.
+    `MemoryBudgetError` saying what is needed. See `funchess.plan_hessian`. The probe evaluates f
+    once more (it draws from the random number generator if f does); an int `chunk_size` skips it.
 
     Args:
         f: a function returning a scalar Tensor (or `(scalar, aux)` with `has_aux=True`).
