@@ -610,7 +610,7 @@ def _check_tangents(call: str, primals: Any, tangents: Any) -> None:
                 )
 
 
-def _hvp_like(name: str, order: tuple[str, ...]) -> Callable[..., Any]:
+def _hvp_like(name: str) -> Callable[..., Any]:
     def product(
         f: Callable[..., Any],
         primals: tuple[Any, ...],
@@ -624,6 +624,7 @@ def _hvp_like(name: str, order: tuple[str, ...]) -> Callable[..., Any]:
         _check_mode(call, mode)
         _check_tangents(call, primals, tangents)
         _check_primals(call, primals, [f"primals[{k}]" for k in range(len(primals))])
+
         def rev() -> Any:
             g = _gradient(f, call, has_aux, single=False)
             if has_aux:
@@ -647,8 +648,8 @@ def _hvp_like(name: str, order: tuple[str, ...]) -> Callable[..., Any]:
     return product
 
 
-_hvp = _hvp_like("hvp", _FALLBACK_ORDER)
-_vhp = _hvp_like("vhp", _FALLBACK_ORDER)
+_hvp = _hvp_like("hvp")
+_vhp = _hvp_like("vhp")
 
 
 def hvp(
