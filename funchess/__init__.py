@@ -15,6 +15,10 @@ Example:
     torch.Size([67, 67])
 """
 
+from ._dataset import dataset_ggn as dataset_ggn
+from ._dataset import dataset_ggn_vp as dataset_ggn_vp
+from ._dataset import dataset_hessian as dataset_hessian
+from ._dataset import dataset_hvp as dataset_hvp
 from ._errors import ConvergenceWarning as ConvergenceWarning
 from ._errors import FunchessError as FunchessError
 from ._errors import InvalidArgumentError as InvalidArgumentError
@@ -24,6 +28,10 @@ from ._errors import StructureError as StructureError
 from ._errors import UnsupportedError as UnsupportedError
 from ._functional import ModuleFunction as ModuleFunction
 from ._functional import functional as functional
+from ._ggn import empirical_fisher as empirical_fisher
+from ._ggn import ggn as ggn
+from ._ggn import ggn_vp as ggn_vp
+from ._ggn import per_sample_ggn as per_sample_ggn
 from ._hessian import hessian as hessian
 from ._hessian import hessian_diagonal as hessian_diagonal
 from ._hessian import hvp as hvp
@@ -38,6 +46,9 @@ from ._operator import HessianOperator as HessianOperator
 from ._operator import LinearOperator as LinearOperator
 from ._operator import diagonal as diagonal
 from ._operator import trace as trace
+from ._per_sample import per_sample_grad as per_sample_grad
+from ._per_sample import per_sample_hessian as per_sample_hessian
+from ._per_sample import per_sample_hvp as per_sample_hvp
 from ._spectral import DiagonalEstimate as DiagonalEstimate
 from ._spectral import EigenResult as EigenResult
 from ._spectral import SolveResult as SolveResult
@@ -96,4 +107,16 @@ __all__ = [
     "hutchpp_trace",
     "spectral_density",
     "trace",
+    # per-sample and data-set curvature, GGN and Fisher
+    "per_sample_grad",
+    "per_sample_hessian",
+    "per_sample_hvp",
+    "per_sample_ggn",
+    "dataset_hessian",
+    "dataset_hvp",
+    "dataset_ggn",
+    "dataset_ggn_vp",
+    "ggn",
+    "ggn_vp",
+    "empirical_fisher",
 ]

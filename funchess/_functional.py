@@ -80,6 +80,15 @@ class ModuleFunction:
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         return functional_call(self.model, (dict(params), buffers), args, kwargs, strict=False)
 
+    def output(self, params: Mapping[str, Tensor], inputs: Any) -> Any:
+        """The model output for `inputs` packed as in `f(params, inputs, targets)`: one Tensor, a
+        tuple of positional inputs, or a dict of keyword inputs (the loss is not applied)."""
+        if isinstance(inputs, Mapping):
+            return self.call_model(params, **inputs)
+        if isinstance(inputs, (tuple, list)):
+            return self.call_model(params, *inputs)
+        return self.call_model(params, inputs)
+
     def __call__(self, params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
         if self.loss_fn is None:
             return self.call_model(params, *args, **kwargs)
@@ -89,13 +98,7 @@ class ModuleFunction:
                 f"targets, got {len(args)} positional and {len(kwargs)} keyword arguments. Call "
                 f"f(params, inputs, targets); pack several model inputs into a tuple or dict."
             )
-        inputs = args[0]
-        if isinstance(inputs, Mapping):
-            out = self.call_model(params, **inputs)
-        elif isinstance(inputs, (tuple, list)):
-            out = self.call_model(params, *inputs)
-        else:
-            out = self.call_model(params, inputs)
+        out = self.output(params, args[0])
         return self.loss_fn(out) if len(args) == 1 else self.loss_fn(out, args[1])
 
 

@@ -245,10 +245,16 @@ def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None
     return None
 
 
-def _run(call: str, state: dict[str, str | None], runners: dict[str, Callable[[], Any]]) -> Any:
-    """Run the chosen mode, or under "auto" the first that works (remembered in `state`)."""
+def _run(
+    call: str,
+    state: dict[str, str | None],
+    runners: dict[str, Callable[[], Any]],
+    fallback: tuple[str, ...] = _FALLBACK_ORDER,
+) -> Any:
+    """Run the chosen mode, or under "auto" the first of `fallback` that works (remembered in
+    `state`)."""
     chosen = state["mode"]
-    order = (chosen,) if chosen else _FALLBACK_ORDER
+    order = (chosen,) if chosen else fallback
     failures: list[str] = []
     for mode in order:
         try:

@@ -70,14 +70,16 @@ def blocks_of(
     outer: tuple[list[torch.Size], optree.PyTreeSpec],
     inner: tuple[list[torch.Size], optree.PyTreeSpec],
 ) -> PyTree:
-    """View a dense `(M, N)` matrix as the tree product of `outer` (rows) and `inner` (columns).
+    """View a dense `(*batch, M, N)` matrix as the tree product of `outer` (rows) and `inner`
+    (columns); leading batch dimensions stay leading dimensions of every block.
 
     The blocks are views of `matrix` when it is laid out row-major (no copy)."""
     ro, co = offsets(outer[0]), offsets(inner[0])
+    batch = matrix.shape[:-2]
 
     def block(i: int, j: int) -> Tensor:
-        sub = matrix[ro[i] : ro[i + 1], co[j] : co[j + 1]]
-        return sub.reshape((*outer[0][i], *inner[0][j]))  # a view whenever the layout allows
+        sub = matrix[..., ro[i] : ro[i + 1], co[j] : co[j + 1]]
+        return sub.reshape((*batch, *outer[0][i], *inner[0][j]))  # a view whenever the layout allows
 
     return tree_product(outer, inner, block)
 
@@ -161,8 +163,12 @@ def unravel(flat: Tensor, like: PyTree) -> PyTree:
     return tree_unflatten(spec, out)
 
 
-def _hessian_layout(call: str, H: PyTree) -> tuple[list[Tensor], list[torch.Size], int]:
-    """Blocks of a Hessian tree in row-major order, the parameter shapes, and the block count n."""
+def _hessian_layout(
+    call: str, H: PyTree, batch_dims: int = 0
+) -> tuple[list[Tensor], list[torch.Size], int]:
+    """Blocks of a Hessian tree in row-major order, the parameter shapes, and the block count n.
+
+    With `batch_dims`, every block has that many leading batch dimensions (e.g. samples)."""
     blocks, _ = tree_flatten(H)
     _check_tensor_leaves(call, blocks, "the blocks of a Hessian")
     n = math.isqrt(len(blocks))
@@ -171,18 +177,22 @@ def _hessian_layout(call: str, H: PyTree) -> tuple[list[Tensor], list[torch.Size
             f"{call}: expected a Hessian pytree (n*n blocks, e.g. from funchess.hessian), got "
             f"{len(blocks)} leaves. Pass the full Hessian, not a row or a selection of blocks."
         )
+    batch = blocks[0].shape[:batch_dims]
     shapes: list[torch.Size] = []
     for i in range(n):
         diag = blocks[i * n + i]
-        if diag.dim() % 2:
+        if diag.shape[:batch_dims] != batch or (diag.dim() - batch_dims) % 2 or diag.dim() < batch_dims:
             raise StructureError(
                 f"{call}: diagonal block {i} has shape {tuple(diag.shape)}, expected "
-                f"(*p.shape, *p.shape) with an even number of dimensions. Pass a Hessian pytree."
+                f"{'(*batch, ' if batch_dims else '('}*p.shape, *p.shape) with an even number of "
+                f"dimensions{f' after {batch_dims} batch dimension(s) {tuple(batch)}' if batch_dims else ''}. "
+                f"Pass a Hessian pytree{' and the right batch_dims' if batch_dims else ''}."
             )
-        shapes.append(diag.shape[: diag.dim() // 2])
+        k = (diag.dim() - batch_dims) // 2
+        shapes.append(diag.shape[batch_dims : batch_dims + k])
     for i in range(n):
         for j in range(n):
-            want = (*shapes[i], *shapes[j])
+            want = (*batch, *shapes[i], *shapes[j])
             if tuple(blocks[i * n + j].shape) != want:
                 raise StructureError(
                     f"{call}: block ({i}, {j}) has shape {tuple(blocks[i * n + j].shape)}, "
@@ -191,19 +201,21 @@ def _hessian_layout(call: str, H: PyTree) -> tuple[list[Tensor], list[torch.Size
     return blocks, shapes, n
 
 
-def _shared_base(blocks: list[Tensor], shapes: list[torch.Size], n: int) -> Tensor | None:
+def _shared_base(
+    blocks: list[Tensor], shapes: list[torch.Size], n: int, batch: torch.Size = torch.Size()
+) -> Tensor | None:
     """The dense matrix the blocks are views of, if they came from one (zero-copy `to_matrix`)."""
     base = blocks[0]._base
     off = offsets(shapes)
     N = off[-1]
-    if base is None or base.dim() != 2 or tuple(base.shape) != (N, N):
+    if base is None or tuple(base.shape) != (*batch, N, N):
         return None
     for i in range(n):
         for j in range(n):
             b = blocks[i * n + j]
             if b._base is not base:
                 return None
-            expect = base[off[i] : off[i + 1], off[j] : off[j + 1]]
+            expect = base[..., off[i] : off[i + 1], off[j] : off[j + 1]]
             if b.storage_offset() != expect.storage_offset():
                 return None
             if b.numel() and b.stride() != expect.reshape(b.shape).stride():
@@ -211,7 +223,7 @@ def _shared_base(blocks: list[Tensor], shapes: list[torch.Size], n: int) -> Tens
     return base
 
 
-def to_matrix(H: PyTree) -> Tensor:
+def to_matrix(H: PyTree, *, batch_dims: int = 0) -> Tensor:
     """The dense `(N, N)` matrix of a Hessian pytree, rows and columns in `ravel` order.
 
     `H` is a tree product as returned by `funchess.hessian` (or `torch.func.hessian`): block
@@ -224,9 +236,11 @@ def to_matrix(H: PyTree) -> Tensor:
 
     Args:
         H: a Hessian pytree.
+        batch_dims: leading batch dimensions every block carries, e.g. 1 for the per-sample
+            Hessians of `funchess.per_sample_hessian` (blocks `(B, *a.shape, *b.shape)`).
 
     Returns:
-        A 2-D Tensor of shape `(N, N)`, `N` the total number of parameter entries.
+        A Tensor of shape `(*batch, N, N)`, `N` the total number of parameter entries.
 
     Example:
         >>> import torch, funchess
@@ -237,20 +251,26 @@ def to_matrix(H: PyTree) -> Tensor:
                 [0., 2., 2.],
                 [2., 2., 0.]])
     """
-    call = "funchess.to_matrix(H)"
-    blocks, shapes, n = _hessian_layout(call, H)
-    base = _shared_base(blocks, shapes, n)
+    call = f"funchess.to_matrix(H{f', batch_dims={batch_dims!r}' if batch_dims else ''})"
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+        raise StructureError(
+            f"{call}: expected batch_dims to be a non-negative int, got {batch_dims!r}. Pass 0 "
+            f"for a Hessian, 1 for per-sample Hessians."
+        )
+    blocks, shapes, n = _hessian_layout(call, H, batch_dims)
+    batch = blocks[0].shape[:batch_dims]
+    base = _shared_base(blocks, shapes, n, batch)
     if base is not None:
         return base
     off = offsets(shapes)
     dtype = blocks[0].dtype
     for b in blocks[1:]:
         dtype = torch.promote_types(dtype, b.dtype)
-    out = torch.empty(off[-1], off[-1], dtype=dtype, device=blocks[0].device)
+    out = torch.empty(*batch, off[-1], off[-1], dtype=dtype, device=blocks[0].device)
     for i in range(n):
         for j in range(n):
-            out[off[i] : off[i + 1], off[j] : off[j + 1]] = blocks[i * n + j].reshape(
-                off[i + 1] - off[i], off[j + 1] - off[j]
+            out[..., off[i] : off[i + 1], off[j] : off[j + 1]] = blocks[i * n + j].reshape(
+                *batch, off[i + 1] - off[i], off[j + 1] - off[j]
             )
     return out
 
@@ -262,7 +282,8 @@ def from_matrix(M: Tensor, params: PyTree) -> PyTree:
     *params[b].shape)`, in the same order `ravel` uses. No data is copied.
 
     Args:
-        M: a square 2-D Tensor whose side is the total number of entries in `params`.
+        M: a square 2-D Tensor whose side is the total number of entries in `params`, or a
+            stack of them `(*batch, N, N)` (the blocks then keep the leading batch dimensions).
         params: the pytree (e.g. a params dict) that fixes the block structure and shapes.
 
     Returns:
@@ -281,7 +302,7 @@ def from_matrix(M: Tensor, params: PyTree) -> PyTree:
     _check_tensor_leaves("funchess.from_matrix(M, params)", leaves, "params")
     shapes = [leaf.shape for leaf in leaves]
     N = offsets(shapes)[-1]
-    if not isinstance(M, Tensor) or M.dim() != 2 or tuple(M.shape) != (N, N):
+    if not isinstance(M, Tensor) or M.dim() < 2 or tuple(M.shape[-2:]) != (N, N):
         got = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
         raise StructureError(
             f"funchess.from_matrix(M, params): expected a square matrix of side {N} (the number "

@@ -1,0 +1,141 @@
+"""Per-sample and data-set curvature: funchess against its peers, as ratios from one run.
+
+    python benchmarks/bench_per_sample.py [--threads 1] [--repeat 5] [--quick]
+
+Per-sample Hessians (MLP 20-32-32-5, tanh, MSE, 64 samples, float32; and a small MLP 10-16-3 with
+256 samples, where per-pass overhead rather than memory dominates) against `vmap` of
+`torch.func.hessian`, a Python loop of `torch.func.hessian` over the samples, and the batch Hessian
+(`funchess.hessian`, the same arithmetic with a B times smaller result). "fill" is the cost of
+writing the `(B, N, N)` result once into fresh memory: a floor no method can beat.
+
+Data-set Hessian (8 batches of 64 plus an uneven one of 17) against one `funchess.hessian` of the
+concatenated data and curvlinops' `HessianLinearOperator @ I` when curvlinops is importable.
+
+Times are medians of wall-clock and process CPU time (the CPU time is the steadier figure on a
+shared machine); the first call of each method is a warm-up and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import funchess  # noqa: E402
+
+
+def mlp(dims: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def timeit(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        gc.collect()
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        cpus.append(time.process_time() - c)
+        walls.append(time.perf_counter() - w)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def report(title: str, rows: list[tuple[str, float, float]], ref: str) -> None:
+    base = dict((n, (w, c)) for n, w, c in rows)[ref]
+    print(f"\n{title}\n| method | wall ms | CPU ms | CPU time / {ref} |\n|---|---|---|---|")
+    for name, w, c in rows:
+        print(f"| {name} | {w * 1e3:.0f} | {c * 1e3:.0f} | {c / base[1]:.2f}x |")
+
+
+def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
+    torch.manual_seed(0)
+    model = mlp(dims)
+    f, params = funchess.functional(model, F.mse_loss)
+    x, y = torch.randn(B, dims[0]), torch.randn(B, dims[-1])
+    N = sum(p.numel() for p in params.values())
+
+    def loss_i(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return f(p, xi.unsqueeze(0), yi.unsqueeze(0))
+
+    methods: list[tuple[str, Callable[[], Any]]] = [
+        ("funchess.per_sample_hessian", lambda: funchess.per_sample_hessian(f)(params, x, y)),
+        ("funchess.per_sample_hessian rev-rev", lambda: funchess.per_sample_hessian(f, mode="rev-rev")(params, x, y)),
+        ("vmap(torch.func.hessian)", lambda: torch.func.vmap(torch.func.hessian(loss_i), in_dims=(None, 0, 0))(params, x, y)),
+        ("loop of torch.func.hessian", lambda: [torch.func.hessian(loss_i)(params, x[i], y[i]) for i in range(B)]),
+        ("batch Hessian (funchess.hessian)", lambda: funchess.hessian(f)(params, x, y)),
+        ("fill (B, N, N) once", lambda: torch.empty(B, N, N).fill_(1.0)),
+    ]
+    if not slow:
+        methods = [m for m in methods if "loop" not in m[0]]
+    rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
+    report(f"Per-sample Hessians: MLP {'-'.join(map(str, dims))}, {B} samples, N={N}, float32", rows,
+           "funchess.per_sample_hessian")
+
+
+def dataset(repeat: int) -> None:
+    torch.manual_seed(0)
+    dims = (20, 32, 32, 5)
+    model = mlp(dims)
+    f, params = funchess.functional(model, F.mse_loss)
+    sizes = [64] * 8 + [17]
+    batches = [(torch.randn(n, dims[0]), torch.randn(n, dims[-1])) for n in sizes]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    N = sum(p.numel() for p in params.values())
+    methods: list[tuple[str, Callable[[], Any]]] = [
+        ("funchess.dataset_hessian", lambda: funchess.dataset_hessian(f)(params, batches)),
+        ("funchess.hessian of the concatenated data", lambda: funchess.hessian(f)(params, x, y)),
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from curvlinops import HessianLinearOperator
+    except Exception as exc:  # not installed, or broken against this torch
+        print(f"\n(curvlinops not importable: {type(exc).__name__}: {exc}; comparison skipped)")
+    else:
+        plist = list(model.parameters())
+        eye = torch.eye(N)
+
+        def curv() -> torch.Tensor:
+            op = HessianLinearOperator(model, nn.MSELoss(), plist, batches, progressbar=False, check_deterministic=False)
+            return op @ eye
+
+        methods.append(("curvlinops HessianLinearOperator @ I", curv))
+        got = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
+        err = (curv() - got).abs().max().item() / got.abs().max().item()
+        print(f"\n(curvlinops vs funchess.dataset_hessian: max relative difference {err:.1e})")
+    rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
+    report(f"Data-set Hessian: MLP 20-32-32-5, {len(sizes)} batches ({sum(sizes)} samples), N={N}, float32",
+           rows, "funchess.dataset_hessian")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="skip the slow Python loops")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), repeat {args.repeat}")
+    per_sample((20, 32, 32, 5), 64, args.repeat, not args.quick)
+    per_sample((10, 16, 3), 256, args.repeat, not args.quick)
+    dataset(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

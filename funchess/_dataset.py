@@ -1,0 +1,340 @@
+"""Data-set curvature: Hessians, HVPs and GGNs of the loss over all batches of a data loader.
+
+`data` is any iterable of `(inputs, targets)` batches (a `DataLoader`, a list). Batch `k` has
+`n_k` samples (dim 0 of its first input Tensor) and loss `f(params, inputs_k, targets_k)`. With
+`reduction="mean"` (f averages over a batch, PyTorch's default) the result is
+`Σ_k (n_k / n) · curvature_k`, the curvature of the mean loss over the concatenated data set,
+whatever the batch sizes; with `reduction="sum"` it is `Σ_k curvature_k`. Batches are moved to the
+parameters' device. Batch-norm layers in train mode use each batch's own statistics (as training
+does), so then the result is the weighted sum of per-batch curvatures; running statistics are
+never updated.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._errors import InvalidArgumentError, StructureError, UnsupportedError
+from ._ggn import Reduction, RandomGuard, check_reduction, ggn, ggn_vp
+from ._hessian import Mode, _check_callable, _check_primals, _check_tangents, hessian, hvp
+from ._jacobian import check_chunk_size
+from ._per_sample import check_randomness, fmt_call
+from ._tree import from_matrix, to_matrix, tree_flatten, tree_map
+
+__all__ = ["dataset_hessian", "dataset_hvp", "dataset_ggn", "dataset_ggn_vp"]
+
+PyTree = Any
+DataRandomness = Literal["error", "different"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _progress(call: str, data: Iterable[Any], progress: bool | None) -> Iterable[Any]:
+    """Wrap `data` in a tqdm bar: always with True, only on a terminal with None, never with False."""
+    if progress is False:
+        return data
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"{call}: progress={progress!r} needs tqdm, which is not installed. Install it "
+            f"(pip install tqdm, or funchess[progress]) or pass progress=False."
+        ) from exc
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    disable = None if progress is None else False  # None: tqdm turns itself off when not a tty
+    return tqdm(data, total=total, desc=call.split("(")[0], unit="batch", disable=disable, file=sys.stderr, leave=False)
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"a Tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return f"a dict with keys {list(batch)[:4]}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} elements"
+    return f"a {type(batch).__name__}"
+
+
+def _batches(
+    call: str, data: Iterable[Any], device: torch.device, progress: bool | None
+) -> Iterator[tuple[Any, Any, int]]:
+    """`(inputs, targets, n)` per batch, checked and on `device`."""
+    if not isinstance(data, Iterable) or isinstance(data, (Tensor, dict)):
+        raise StructureError(
+            f"{call}: expected data to be an iterable of (inputs, targets) batches (e.g. a "
+            f"DataLoader or a list of pairs), got {_describe(data)}. For one batch, pass "
+            f"[(inputs, targets)]."
+        )
+    seen = 0
+    for k, batch in enumerate(_progress(call, data, progress)):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise StructureError(
+                f"{call}: expected every batch to be a pair (inputs, targets), got "
+                f"{_describe(batch)} as batch {k}. Make the loader yield pairs, e.g. "
+                f"((b['x'], b['y']) for b in loader); use (inputs, None) for a loss without targets."
+            )
+        inputs, targets = batch
+        moved = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, (inputs, targets))
+        first = next((t for t in tree_flatten(moved[0])[0] if isinstance(t, Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise StructureError(
+                f"{call}: batch {k} has inputs {_describe(inputs)} with no Tensor holding the "
+                f"samples along dim 0; expected one (its size is the batch's weight). Put the "
+                f"batched input Tensor first in the inputs."
+            )
+        seen += 1
+        yield moved[0], moved[1], int(first.shape[0])
+    if seen == 0:
+        raise InvalidArgumentError(
+            f"{call}: data yielded no batches; expected at least one (inputs, targets) batch. "
+            f"Check that the data set is not empty (drop_last=True with fewer samples than "
+            f"batch_size yields nothing; a generator can be iterated only once)."
+        )
+
+
+def _accumulate(
+    call: str,
+    data: Iterable[Any],
+    params: PyTree,
+    reduction: str,
+    progress: bool | None,
+    randomness: str,
+    per_batch: Callable[[Any, Any], PyTree],
+) -> PyTree:
+    """`Σ w_k per_batch(inputs_k, targets_k)` with the data-set weights of `reduction`."""
+    device = tree_flatten(params)[0][0].device
+    total, acc = 0, None
+    for inputs, targets, n in _batches(call, data, device, progress):
+        with RandomGuard(call, randomness, device):
+            got = per_batch(inputs, targets)
+        w = n if reduction == "mean" else 1  # n_k × a batch mean is the batch's sum
+        if acc is None:
+            acc = got if w == 1 else tree_map(lambda t: t.mul_(w), got)
+        else:
+            tree_map(lambda a, t: a.add_(t, alpha=w), acc, got)
+        total += n
+    if reduction == "mean":
+        tree_map(lambda a: a.div_(total), acc)
+    return acc
+
+
+def _apply(f: Callable[..., Any], params: PyTree, inputs: Any, targets: Any) -> Any:
+    return f(params, inputs) if targets is None else f(params, inputs, targets)
+
+
+def _check(call: str, reduction: str, randomness: str, progress: Any) -> None:
+    check_reduction(call, reduction)
+    check_randomness(call, randomness, ("error", "different"))
+    if progress not in (True, False, None):
+        raise InvalidArgumentError(
+            f"{call}: expected progress to be True (show a bar), None (only on a terminal) or "
+            f"False (never), got {progress!r}."
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def dataset_hessian(
+    f: Callable[..., Any],
+    *,
+    reduction: Reduction = "mean",
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = False,
+    randomness: DataRandomness = "error",
+) -> Callable[..., PyTree]:
+    """The Hessian of the loss over a whole data set, accumulated batch by batch.
+
+    `dataset_hessian(f)(params, data)` returns the block pytree of `funchess.hessian(f)` (views of
+    one `(N, N)` matrix) for the loss over every batch of `data`, an iterable of `(inputs,
+    targets)` pairs. With `reduction="mean"` each batch's Hessian is weighted by its share of the
+    samples, so the result equals the Hessian of the mean loss over the concatenated data set even
+    when the last batch is smaller; with "sum", of the summed loss. `reduction` must match the
+    loss's own reduction.
+
+    Composition: `funchess.hessian(f, mode, chunk_size)` per batch, added in place into the first
+    batch's matrix (peak memory: two Hessians).
+
+    Args:
+        f: the batch loss `f(params, inputs, targets)` (or `f(params, inputs)` for batches
+            `(inputs, None)`), e.g. from `funchess.functional`.
+        reduction: "mean" (default) or "sum": how f reduces over a batch.
+        mode, chunk_size: as for `funchess.hessian`.
+        progress: True shows a tqdm bar, None shows it only on a terminal, False (default) never.
+        randomness: "error" (default: raise if f draws random numbers, e.g. dropout in train
+            mode) or "different" (allowed: each batch's single forward draws the masks its
+            derivatives use; every call draws new ones).
+
+    Raises:
+        StructureError: data is not an iterable of `(inputs, targets)` pairs.
+        InvalidArgumentError: data yields no batch, or a bad option.
+        UnsupportedError: f draws random numbers with randomness="error".
+
+    Example:
+        >>> import torch, funchess
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+        >>> x, y = torch.randn(10, 3), torch.randn(10, 1)
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+        >>> H = funchess.dataset_hessian(f)(params, loader)  # batches of 4, 4 and 2
+        >>> torch.allclose(funchess.to_matrix(H), funchess.to_matrix(funchess.hessian(f)(params, x, y)), atol=1e-6)
+        True
+    """
+    call = fmt_call(
+        "dataset_hessian",
+        {"reduction": None if reduction == "mean" else reduction, "mode": None if mode == "auto" else mode,
+         "chunk_size": chunk_size},
+    )
+    _check_callable(call, f)
+    _check(call, reduction, randomness, progress)
+    check_chunk_size(call, chunk_size)
+    H_fn = hessian(f, mode=mode, chunk_size=chunk_size)
+
+    @functools.wraps(f)
+    def dataset_hessian_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
+        here = f"{call}(params, data)"
+        _check_primals(here, (params,), ["params"])
+        M = _accumulate(
+            here, data, params, reduction, progress, randomness,
+            lambda x, t: to_matrix(_apply(H_fn, params, x, t)),
+        )
+        return from_matrix(M, params)
+
+    return dataset_hessian_fn
+
+
+def dataset_hvp(
+    f: Callable[..., Any],
+    *,
+    reduction: Reduction = "mean",
+    mode: Mode = "auto",
+    progress: bool | None = False,
+    randomness: DataRandomness = "error",
+) -> Callable[..., PyTree]:
+    """The Hessian-vector product of the loss over a whole data set, batch by batch.
+
+    `dataset_hvp(f)(params, v, data)` returns a pytree shaped like `params`: the data-set Hessian
+    (as in `funchess.dataset_hessian`, same weighting) times `v`, without forming any Hessian.
+
+    Composition: `funchess.hvp` of each batch's loss along `v`, accumulated with the weights of
+    `reduction`. Cost per call: one HVP per batch.
+
+    Args:
+        f: the batch loss `f(params, inputs, targets)`.
+        reduction: "mean" (default) or "sum": how f reduces over a batch.
+        mode: as for `funchess.hvp`.
+        progress: True, None (only on a terminal) or False (default).
+        randomness: "error" (default) or "different", as for `funchess.dataset_hessian`.
+
+    Example:
+        >>> import torch, funchess
+        >>> f, params = funchess.functional(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss)
+        >>> x, y = torch.randn(7, 3), torch.randn(7, 1)
+        >>> v = {k: torch.ones_like(p) for k, p in params.items()}
+        >>> Hv = funchess.dataset_hvp(f)(params, v, [(x[:4], y[:4]), (x[4:], y[4:])])
+        >>> torch.allclose(funchess.ravel(Hv), funchess.ravel(funchess.hvp(lambda p: f(p, x, y), (params,), (v,))))
+        True
+    """
+    call = fmt_call(
+        "dataset_hvp", {"reduction": None if reduction == "mean" else reduction, "mode": None if mode == "auto" else mode}
+    )
+    _check_callable(call, f)
+    _check(call, reduction, randomness, progress)
+
+    @functools.wraps(f)
+    def dataset_hvp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
+        here = f"{call}(params, v, data)"
+        _check_primals(here, (params,), ["params"])
+        _check_tangents(here, (params,), (v,))
+        return _accumulate(
+            here, data, params, reduction, progress, randomness,
+            lambda x, t: hvp(lambda p: _apply(f, p, x, t), (params,), (v,), mode=mode),
+        )
+
+    return dataset_hvp_fn
+
+
+def dataset_ggn(
+    f: Callable[..., Any],
+    *,
+    loss_fn: Callable[..., Tensor] | None = None,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    progress: bool | None = False,
+    randomness: DataRandomness = "error",
+) -> Callable[..., PyTree]:
+    """The generalised Gauss-Newton matrix of the loss over a whole data set, batch by batch.
+
+    `dataset_ggn(f)(params, data)` is `funchess.ggn` accumulated over the `(inputs, targets)`
+    batches of `data` with the weights of `reduction` (as in `funchess.dataset_hessian`).
+
+    Composition: `funchess.ggn(f, loss_fn, chunk_size)` per batch, added in place.
+
+    Example:
+        >>> import torch, funchess
+        >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy)
+        >>> x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+        >>> G = funchess.dataset_ggn(f)(params, [(x[:4], y[:4]), (x[4:], y[4:])])
+        >>> torch.allclose(funchess.to_matrix(G), funchess.to_matrix(funchess.ggn(f)(params, x, y)), atol=1e-6)
+        True
+    """
+    call = fmt_call("dataset_ggn", {"reduction": None if reduction == "mean" else reduction, "chunk_size": chunk_size})
+    _check(call, reduction, randomness, progress)
+    G_fn = ggn(f, loss_fn=loss_fn, chunk_size=chunk_size, randomness=randomness)
+
+    @functools.wraps(f)
+    def dataset_ggn_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
+        here = f"{call}(params, data)"
+        _check_primals(here, (params,), ["params"])
+        M = _accumulate(
+            here, data, params, reduction, progress, randomness, lambda x, t: to_matrix(G_fn(params, x, t))
+        )
+        return from_matrix(M, params)
+
+    return dataset_ggn_fn
+
+
+def dataset_ggn_vp(
+    f: Callable[..., Any],
+    *,
+    loss_fn: Callable[..., Tensor] | None = None,
+    reduction: Reduction = "mean",
+    progress: bool | None = False,
+    randomness: DataRandomness = "error",
+) -> Callable[..., PyTree]:
+    """The GGN-vector product over a whole data set, batch by batch, without forming the GGN.
+
+    `dataset_ggn_vp(f)(params, v, data)` is `funchess.ggn_vp` accumulated over the batches of
+    `data` with the weights of `reduction` (as in `funchess.dataset_hessian`).
+
+    Composition: `funchess.ggn_vp` per batch (one forward, two backward passes), accumulated.
+
+    Example:
+        >>> import torch, funchess
+        >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy)
+        >>> x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+        >>> v = {k: torch.ones_like(p) for k, p in params.items()}
+        >>> Gv = funchess.dataset_ggn_vp(f)(params, v, [(x[:4], y[:4]), (x[4:], y[4:])])
+        >>> torch.allclose(funchess.ravel(Gv), funchess.ravel(funchess.ggn_vp(f)(params, v, x, y)), atol=1e-6)
+        True
+    """
+    call = fmt_call("dataset_ggn_vp", {"reduction": None if reduction == "mean" else reduction})
+    _check(call, reduction, randomness, progress)
+    Gv_fn = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
+
+    @functools.wraps(f)
+    def dataset_ggn_vp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
+        here = f"{call}(params, v, data)"
+        _check_primals(here, (params,), ["params"])
+        _check_tangents(here, (params,), (v,))
+        return _accumulate(here, data, params, reduction, progress, randomness, lambda x, t: Gv_fn(params, v, x, t))
+
+    return dataset_ggn_vp_fn
