@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
-from ._ggn import Reduction, RandomGuard, check_reduction, ggn, ggn_vp
+from ._ggn import RandomGuard, Reduction, check_reduction, ggn, ggn_vp
 from ._hessian import Mode, _check_callable, _check_primals, _check_tangents, hessian, hvp
 from ._jacobian import check_chunk_size
 from ._per_sample import check_randomness, fmt_call
@@ -41,15 +41,18 @@ def _progress(call: str, data: Iterable[Any], progress: bool | None) -> Iterable
     if progress is False:
         return data
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
     except ImportError as exc:
         raise UnsupportedError(
             f"{call}: progress={progress!r} needs tqdm, which is not installed. Install it "
             f"(pip install tqdm, or funchess[progress]) or pass progress=False."
         ) from exc
-    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    total = len(data) if isinstance(data, Sized) else None
     disable = None if progress is None else False  # None: tqdm turns itself off when not a tty
-    return tqdm(data, total=total, desc=call.split("(")[0], unit="batch", disable=disable, file=sys.stderr, leave=False)
+    bar: Iterable[Any] = tqdm(
+        data, total=total, desc=call.split("(")[0], unit="batch", disable=disable, file=sys.stderr, leave=False
+    )
+    return bar
 
 
 def _describe(batch: Any) -> str:

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vmap
 
-from ._compat import inside_transform
+from ._compat import inside_transform, vjp
 from ._errors import InvalidArgumentError, OutputError
 from ._functional import ModuleFunction
 from ._hessian import _check_callable, _check_primals, _check_tangents, hessian, hvp

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
-from ._compat import inside_transform
+from ._compat import inside_transform, jvp, vjp
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
 from ._functional import ModuleFunction
 from ._hessian import _RANDOM, _check_callable, _check_mode, _check_primals, _check_tangents, _gradient, _run
@@ -73,6 +73,15 @@ def coupling_layer(f: Any) -> tuple[str, nn.Module] | None:
 
 
 def check_per_sample(call: str, f: Any) -> None:
+    model = getattr(f, "model", None) if isinstance(f, ModuleFunction) else None
+    for name, m in model.named_modules() if model is not None else ():
+        if isinstance(m, nn.RNNBase):
+            raise UnsupportedError(
+                f"{call}: the model has {type(m).__name__} {name!r}; torch.func.vmap has no "
+                f"batching rule for recurrent layers, so per-sample quantities cannot be "
+                f"vectorised over the samples. Loop over them instead, e.g. "
+                f"[funchess.hessian(f)(params, x[i:i+1], y[i:i+1]) for i in range(len(x))]."
+            )
     hit = coupling_layer(f)
     if hit is not None:
         name, m = hit
@@ -153,7 +162,7 @@ class Replay:
     def replay(self) -> None:
         if self.state is not None:
             torch.set_rng_state(self.state[0])
-            if self.state[1] is not None:
+            if self.state[1] is not None and self.cuda is not None:
                 torch.cuda.set_rng_state(self.state[1], self.cuda)
 
 

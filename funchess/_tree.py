@@ -181,12 +181,12 @@ def _hessian_layout(
     shapes: list[torch.Size] = []
     for i in range(n):
         diag = blocks[i * n + i]
-        if diag.shape[:batch_dims] != batch or (diag.dim() - batch_dims) % 2 or diag.dim() < batch_dims:
+        if diag.dim() < batch_dims or diag.shape[:batch_dims] != batch or (diag.dim() - batch_dims) % 2:
+            lead = f"{batch_dims} batch dimension(s) {tuple(batch)}, then " if batch_dims else ""
+            hint = "" if batch_dims else " (per-sample Hessians, with a leading sample dimension, need batch_dims=1)"
             raise StructureError(
-                f"{call}: diagonal block {i} has shape {tuple(diag.shape)}, expected "
-                f"{'(*batch, ' if batch_dims else '('}*p.shape, *p.shape) with an even number of "
-                f"dimensions{f' after {batch_dims} batch dimension(s) {tuple(batch)}' if batch_dims else ''}. "
-                f"Pass a Hessian pytree{' and the right batch_dims' if batch_dims else ''}."
+                f"{call}: diagonal block {i} has shape {tuple(diag.shape)}, expected {lead}"
+                f"(*p.shape, *p.shape) with an even number of dimensions. Pass a Hessian pytree{hint}."
             )
         k = (diag.dim() - batch_dims) // 2
         shapes.append(diag.shape[batch_dims : batch_dims + k])
@@ -202,7 +202,7 @@ def _hessian_layout(
 
 
 def _shared_base(
-    blocks: list[Tensor], shapes: list[torch.Size], n: int, batch: torch.Size = torch.Size()
+    blocks: list[Tensor], shapes: list[torch.Size], n: int, batch: tuple[int, ...] = ()
 ) -> Tensor | None:
     """The dense matrix the blocks are views of, if they came from one (zero-copy `to_matrix`)."""
     base = blocks[0]._base

@@ -43,6 +43,8 @@ __all__ = [
     "finite_difference_hessian",
     "check_hessian",
     "assert_hessian_close",
+    "reference_jacobian",
+    "reference_ggn",
 ]
 
 PyTree = Any
@@ -333,3 +335,72 @@ def check_hessian(
     actual = hessian_fn(*args, **kwargs)
     expected = finite_difference_hessian(f, *args, argnums=argnums, eps=eps, **kwargs)
     assert_hessian_close(actual, expected, rtol=rtol, atol=atol, msg="check_hessian vs finite differences")
+
+
+def reference_jacobian(f: Callable[..., Any], *args: Any, argnums: int | tuple[int, ...] = 0, **kwargs: Any) -> PyTree:
+    """The Jacobian by plain autograd, one `torch.autograd.grad` per output entry.
+
+    Returns the tree product of f's output (a Tensor or a pytree of them) with the differentiated
+    argument(s), as `funchess.jacrev(f, argnums)(*args, **kwargs)` does: leaf `(*out.shape,
+    *arg.shape)` per (output leaf, argument leaf).
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import reference_jacobian
+        >>> reference_jacobian(lambda x: x ** 2, torch.tensor([1.0, 3.0]))
+        tensor([[2., 0.],
+                [0., 6.]])
+    """
+    _, leaves, rebuild, in_spec = _differentiated(args, argnums)
+    in_shapes = [leaf.shape for leaf in leaves]
+    with _plain_autograd():
+        out = f(*rebuild(leaves), **kwargs)
+        outs, out_spec = tree_flatten(out)
+        out_shapes = [o.shape for o in outs]
+        J = torch.zeros(offsets(out_shapes)[-1], offsets(in_shapes)[-1], dtype=_dtype(leaves), device=leaves[0].device)
+        row = 0
+        for o in outs:
+            for k in range(o.numel()):
+                flat = o.reshape(-1)[k]
+                grads = (
+                    torch.autograd.grad(flat, leaves, retain_graph=True, allow_unused=True)
+                    if flat.requires_grad
+                    else [None] * len(leaves)
+                )
+                J[row] = torch.cat(
+                    [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for p, g in zip(leaves, grads)]
+                )
+                row += 1
+    return blocks_of(J, (out_shapes, out_spec), (in_shapes, in_spec))
+
+
+def reference_ggn(
+    output_fn: Callable[..., Tensor],
+    loss_fn: Callable[[Tensor], Tensor],
+    params: PyTree,
+    *args: Any,
+) -> PyTree:
+    """The generalised Gauss-Newton matrix `Jᵀ H_z J` built from the slow references.
+
+    `J` is `reference_jacobian(output_fn, params, *args)` (the output must be one Tensor `z`),
+    `H_z` is `reference_hessian(loss_fn, z)` (the loss as a function of the output alone, e.g.
+    `lambda z: F.cross_entropy(z, targets)`). Returns the Hessian-shaped block tree of
+    `funchess.ggn`.
+
+    Example:
+        >>> import torch
+        >>> from funchess.testing import reference_ggn
+        >>> p = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+        >>> out = lambda p, x: x @ p["w"]
+        >>> x = torch.eye(2, dtype=torch.float64)
+        >>> reference_ggn(out, lambda z: (z ** 2).sum(), p, x)["w"]["w"]
+        tensor([[2., 0.],
+                [0., 2.]], dtype=torch.float64)
+    """
+    leaves, spec = tree_flatten(params)
+    shapes = [leaf.shape for leaf in leaves]
+    z = output_fn(params, *args).detach()
+    J = reference_jacobian(output_fn, params, *args)
+    J_flat = torch.cat([b.reshape(z.numel(), -1) for b in tree_flatten(J)[0]], 1)
+    H = reference_hessian(loss_fn, z).reshape(z.numel(), z.numel())
+    return blocks_of(J_flat.T @ H @ J_flat, (shapes, spec), (shapes, spec))
