@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -61,7 +63,7 @@ def report(title: str, rows: list[tuple[str, float, float]], ref: str) -> None:
         print(f"| {name} | {w * 1e3:.0f} | {c * 1e3:.0f} | {c / base[1]:.2f}x |")
 
 
-def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
+def per_sample_methods(dims: tuple[int, ...], B: int) -> tuple[int, list[tuple[str, Callable[[], Any]]]]:
     torch.manual_seed(0)
     model = mlp(dims)
     f, params = funchess.functional(model, F.mse_loss)
@@ -79,6 +81,47 @@ def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
         ("batch Hessian (funchess.hessian)", lambda: funchess.hessian(f)(params, x, y)),
         ("fill (B, N, N) once", lambda: torch.empty(B, N, N).fill_(1.0)),
     ]
+    return N, methods
+
+
+def _peak_mib() -> float:
+    """Peak RSS of this process: VmHWM (Linux; ru_maxrss would carry the parent's peak over exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_of(index: int) -> None:
+    """Run one per-sample method once (first configuration) and print the growth of peak RSS."""
+    _, methods = per_sample_methods((20, 32, 32, 5), 64)
+    funchess.hessian(lambda p: (p["w"] ** 3).sum())({"w": torch.ones(2)})  # one-time torch.func setup
+    gc.collect()
+    before = _peak_mib()
+    out = methods[index][1]()
+    print(_peak_mib() - before, flush=True)
+    del out
+
+
+def peaks() -> None:
+    N, methods = per_sample_methods((20, 32, 32, 5), 64)
+    result_mib = 64 * N * N * 4 / 2**20
+    print(f"\nPeak memory, per-sample Hessians (MLP 20-32-32-5, 64 samples; result {result_mib:.0f} MiB; "
+          f"growth of peak RSS in a fresh process)\n| method | peak MiB | / result |\n|---|---|---|")
+    for i, (name, _) in enumerate(methods):
+        if "batch" in name or "fill" in name:
+            continue
+        out = subprocess.run([sys.executable, __file__, "--peak-of", str(i)], capture_output=True, text=True)
+        mib = float(out.stdout.strip().splitlines()[-1])
+        print(f"| {name} | {mib:.0f} | {mib / result_mib:.2f}x |")
+
+
+def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
+    N, methods = per_sample_methods(dims, B)
     if not slow:
         methods = [m for m in methods if "loop" not in m[0]]
     rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
@@ -128,10 +171,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="skip the slow Python loops")
+    ap.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_of is not None:
+        peak_of(args.peak_of)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), repeat {args.repeat}")
+    peaks()
     per_sample((20, 32, 32, 5), 64, args.repeat, not args.quick)
     per_sample((10, 16, 3), 256, args.repeat, not args.quick)
     dataset(args.repeat)

@@ -191,11 +191,7 @@ def dataset_hessian(
         >>> torch.allclose(funchess.to_matrix(H), funchess.to_matrix(funchess.hessian(f)(params, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call(
-        "dataset_hessian",
-        {"reduction": None if reduction == "mean" else reduction, "mode": None if mode == "auto" else mode,
-         "chunk_size": chunk_size},
-    )
+    call = fmt_call("dataset_hessian", reduction=reduction, mode=mode, chunk_size=chunk_size)
     _check_callable(call, f)
     _check(call, reduction, randomness, progress)
     check_chunk_size(call, chunk_size)
@@ -246,9 +242,7 @@ def dataset_hvp(
         >>> torch.allclose(funchess.ravel(Hv), funchess.ravel(funchess.hvp(lambda p: f(p, x, y), (params,), (v,))))
         True
     """
-    call = fmt_call(
-        "dataset_hvp", {"reduction": None if reduction == "mean" else reduction, "mode": None if mode == "auto" else mode}
-    )
+    call = fmt_call("dataset_hvp", reduction=reduction, mode=mode)
     _check_callable(call, f)
     _check(call, reduction, randomness, progress)
 
@@ -289,7 +283,7 @@ def dataset_ggn(
         >>> torch.allclose(funchess.to_matrix(G), funchess.to_matrix(funchess.ggn(f)(params, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call("dataset_ggn", {"reduction": None if reduction == "mean" else reduction, "chunk_size": chunk_size})
+    call = fmt_call("dataset_ggn", reduction=reduction, chunk_size=chunk_size)
     _check(call, reduction, randomness, progress)
     G_fn = ggn(f, loss_fn=loss_fn, chunk_size=chunk_size, randomness=randomness)
 
@@ -329,7 +323,7 @@ def dataset_ggn_vp(
         >>> torch.allclose(funchess.ravel(Gv), funchess.ravel(funchess.ggn_vp(f)(params, v, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call("dataset_ggn_vp", {"reduction": None if reduction == "mean" else reduction})
+    call = fmt_call("dataset_ggn_vp", reduction=reduction)
     _check(call, reduction, randomness, progress)
     Gv_fn = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
 

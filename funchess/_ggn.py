@@ -32,6 +32,7 @@ from ._per_sample import (
     fmt_call,
     per_sample_gradients,
     random_error,
+    random_errors,
 )
 from ._tree import from_matrix, offsets, ravel, tree_flatten, unravel
 
@@ -180,7 +181,7 @@ def ggn(
         >>> bool(torch.linalg.eigvalsh(funchess.to_matrix(G)).min() > -1e-6)  # PSD for cross-entropy
         True
     """
-    call = fmt_call("ggn", {"chunk_size": chunk_size, "randomness": None if randomness == "error" else randomness})
+    call = fmt_call("ggn", chunk_size=chunk_size, randomness=randomness)
     output, loss = split_loss(call, f, loss_fn)
     check_chunk_size(call, chunk_size)
     check_randomness(call, randomness)
@@ -238,7 +239,7 @@ def ggn_vp(
         >>> torch.allclose(funchess.ravel(Gv), G @ funchess.ravel(v), atol=1e-5)
         True
     """
-    call = fmt_call("ggn_vp", {"randomness": None if randomness == "error" else randomness})
+    call = fmt_call("ggn_vp", randomness=randomness)
     output, loss = split_loss(call, f, loss_fn)
     check_randomness(call, randomness)
 
@@ -302,7 +303,7 @@ def per_sample_ggn(
         >>> torch.allclose(funchess.to_matrix(G, batch_dims=1).mean(0), funchess.to_matrix(funchess.ggn(f)(params, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call("per_sample_ggn", {"chunk_size": chunk_size, "randomness": None if randomness == "error" else randomness})
+    call = fmt_call("per_sample_ggn", chunk_size=chunk_size, randomness=randomness)
     output, loss = split_loss(call, f, loss_fn)
     check_chunk_size(call, chunk_size)
     check_randomness(call, randomness)
@@ -328,13 +329,8 @@ def per_sample_ggn(
         with safe_ops():
             run = vmap(factors, randomness=randomness)
             for b0, b1 in _chunks(B, chunk):
-                try:
+                with random_errors(here):
                     J, HJ = run(*samples.tensors(b0, b1))
-                except (RuntimeError, NotImplementedError) as exc:
-                    translated = random_error(here, exc)
-                    if translated is None:
-                        raise
-                    raise translated from exc
                 if inside_transform():
                     pieces.append(J.transpose(1, 2) @ HJ)
                     continue
@@ -382,11 +378,7 @@ def empirical_fisher(
         >>> funchess.to_matrix(F).shape
         torch.Size([8, 8])
     """
-    call = fmt_call(
-        "empirical_fisher",
-        {"reduction": None if reduction == "mean" else reduction, "chunk_size": chunk_size,
-         "randomness": None if randomness == "error" else randomness},
-    )
+    call = fmt_call("empirical_fisher", reduction=reduction, chunk_size=chunk_size, randomness=randomness)
     _check_callable(call, f)
     check_reduction(call, reduction)
     check_chunk_size(call, chunk_size)
@@ -404,13 +396,8 @@ def empirical_fisher(
         F: Tensor | None = None
         with safe_ops():
             for b0, b1 in _chunks(samples.size, chunk):
-                try:
+                with random_errors(here):
                     grads, _ = tree_flatten(G_fn(params, *samples.tensors(b0, b1)))
-                except (RuntimeError, NotImplementedError) as exc:
-                    translated = random_error(here, exc)
-                    if translated is None:
-                        raise
-                    raise translated from exc
                 g = torch.cat([t.reshape(b1 - b0, -1) for t in grads], 1)
                 F = g.T @ g if F is None else F.addmm(g.T, g)
         assert F is not None

@@ -19,8 +19,9 @@ sample see one dropout mask.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -47,9 +48,25 @@ _MAX_ROWS = 256
 # ----------------------------------------------------------------------------- validation
 
 
-def fmt_call(name: str, opts: dict[str, Any]) -> str:
-    shown = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
+_DEFAULTS: dict[str, Any] = {"mode": "auto", "randomness": "error", "reduction": "mean", "progress": False}
+
+
+def fmt_call(name: str, **opts: Any) -> str:
+    """`funchess.name(f, opt=...)` showing the options that differ from their defaults."""
+    shown = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None and v != _DEFAULTS.get(k))
     return f"funchess.{name}(f{shown})"
+
+
+@contextlib.contextmanager
+def random_errors(call: str) -> Iterator[None]:
+    """Re-raise torch's vmap randomness error as an UnsupportedError naming the fix."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        translated = random_error(call, exc)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def check_randomness(call: str, randomness: str, allowed: Sequence[str] = _RANDOMNESS) -> None:
@@ -298,11 +315,7 @@ def per_sample_hessian(
         >>> torch.allclose(M.mean(0), funchess.to_matrix(funchess.hessian(f)(params, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call(
-        "per_sample_hessian",
-        {"mode": None if mode == "auto" else mode, "chunk_size": chunk_size,
-         "hessian_chunk_size": hessian_chunk_size, "randomness": None if randomness == "error" else randomness},
-    )
+    call = fmt_call("per_sample_hessian", mode=mode, chunk_size=chunk_size, hessian_chunk_size=hessian_chunk_size, randomness=randomness)
     _check_callable(call, f)
     if mode not in ("auto", "fwd-rev", "rev-rev"):
         _check_mode(call, mode)
@@ -402,9 +415,7 @@ def per_sample_grad(
         >>> torch.allclose(g["weight"].mean(0), torch.func.grad(f)(params, x, y)["weight"])
         True
     """
-    call = fmt_call(
-        "per_sample_grad", {"chunk_size": chunk_size, "randomness": None if randomness == "error" else randomness}
-    )
+    call = fmt_call("per_sample_grad", chunk_size=chunk_size, randomness=randomness)
     _check_callable(call, f)
     check_chunk_size(call, chunk_size)
     check_randomness(call, randomness)
@@ -457,11 +468,7 @@ def per_sample_hvp(
         tensor([[6., 0.],
                 [0., 0.]])
     """
-    call = fmt_call(
-        "per_sample_hvp",
-        {"mode": None if mode == "auto" else mode, "chunk_size": chunk_size,
-         "randomness": None if randomness == "error" else randomness},
-    )
+    call = fmt_call("per_sample_hvp", mode=mode, chunk_size=chunk_size, randomness=randomness)
     _check_callable(call, f)
     if mode not in ("auto", "fwd-rev", "rev-rev"):
         _check_mode(call, mode)
