@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -166,8 +165,8 @@ def main() -> None:
         else:
             print(f"| funchess.hessian | failed: {r.get('error')} |")
         t = measure("torch.func.hessian", dims, 128, reps=1, warmup=False, limit_gib=22)
-        print(f"| torch.func.hessian (address space capped at 22 GiB) | {'completed in %.1f s' % float(t['time']) if t.get('ok') else 'failed: ' + str(t.get('error'))} |")  # type: ignore[arg-type]
-
+        verdict = f"completed in {float(t['time']):.1f} s" if t.get("ok") else f"failed: {t.get('error')}"  # type: ignore[arg-type]
+        print(f"| torch.func.hessian (address space capped at 22 GiB) | {verdict} |")
 
 if __name__ == "__main__":
     main()

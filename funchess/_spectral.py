@@ -63,6 +63,13 @@ class EigenResult:
         residuals: `(k,)` Lanczos bounds on `||H y - theta y||` for each pair.
         num_hvps: operator products used.
         converged: every residual is within the tolerance (or the Krylov space is the whole space).
+
+    Example:
+        >>> import torch, funchess
+        >>> op = funchess.DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)))
+        >>> r = funchess.eigsh(op, k=2, generator=torch.Generator().manual_seed(0))
+        >>> [round(v, 9) for v in r.eigenvalues.tolist()], r.converged
+        ([5.0, 4.0], True)
     """
 
     eigenvalues: Tensor
@@ -81,6 +88,13 @@ class TraceEstimate:
         std_error: its standard error (sample standard deviation of the random part over the
             square root of its sample count; NaN with fewer than two samples).
         num_hvps: operator products used.
+
+    Example:
+        >>> import torch, funchess
+        >>> op = funchess.DenseOperator(torch.eye(10, dtype=torch.float64))
+        >>> t = funchess.hutchinson_trace(op, num_hvps=4, generator=torch.Generator().manual_seed(0))
+        >>> round(float(t.value), 6), t.num_hvps   # Rademacher probes are exact for the identity
+        (10.0, 4)
     """
 
     value: Tensor
@@ -96,6 +110,13 @@ class DiagonalEstimate:
         value: the estimated diagonal, a pytree shaped like the operator's structure.
         std_error: per-entry standard errors, same shape (NaN with fewer than two samples).
         num_hvps: operator products used.
+
+    Example:
+        >>> import torch, funchess
+        >>> op = funchess.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> d = funchess.diagonal_estimate(op, num_hvps=3, generator=torch.Generator().manual_seed(0))
+        >>> d.value.tolist()   # exact for a diagonal operator
+        [1.0, 2.0, 3.0]
     """
 
     value: PyTree
@@ -116,6 +137,13 @@ class SpectralDensity:
         weights: `(num_probes, num_steps)` quadrature weights; each row sums to 1.
         sigma: the width of the Gaussian kernel.
         num_hvps: operator products used.
+
+    Example:
+        >>> import torch, funchess
+        >>> op = funchess.DenseOperator(torch.diag(torch.linspace(-1, 1, 30, dtype=torch.float64)))
+        >>> sd = funchess.spectral_density(op, num_probes=3, num_steps=10, generator=torch.Generator().manual_seed(0))
+        >>> [round(w, 9) for w in sd.weights.sum(-1).tolist()]
+        [1.0, 1.0, 1.0]
     """
 
     grid: Tensor
@@ -144,6 +172,13 @@ class SolveResult:
         num_iter: CG iterations.
         num_hvps: operator products used.
         converged: every residual is within the tolerance.
+
+    Example:
+        >>> import torch, funchess
+        >>> op = funchess.DenseOperator(torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64)))
+        >>> r = funchess.cg(op, torch.tensor([2.0, 4.0], dtype=torch.float64))
+        >>> r.solution.tolist(), r.converged
+        ([1.0, 1.0], True)
     """
 
     solution: Any
