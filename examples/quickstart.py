@@ -21,8 +21,8 @@ from funchess.testing import assert_hessian_close, reference_hessian
 
 def main() -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
 
     # 1. The model as a pure function of a params dict (the model itself is never modified).
     f, params = funchess.functional(model, F.cross_entropy)
@@ -32,8 +32,11 @@ def main() -> None:
     # 2. The Hessian as blocks: H[a][b].shape == params[a].shape + params[b].shape.
     t0 = time.perf_counter()
     H = funchess.hessian(f)(params, x, y)
+    t_first = time.perf_counter() - t0  # includes torch.func's one-time set-up in this process
+    t0 = time.perf_counter()
+    H = funchess.hessian(f)(params, x, y)
     t_fast = time.perf_counter() - t0
-    print("H['0.weight']['2.bias'].shape =", tuple(H["0.weight"]["2.bias"].shape))
+    print("H['0.weight']['2.bias'].shape =", tuple(H["0.weight"]["2.bias"].shape))  # (16, 10, 3)
 
     # 3. ... and as one dense matrix, rows/columns in named_parameters() order (no copy).
     M = funchess.to_matrix(H)
@@ -45,14 +48,19 @@ def main() -> None:
     hv = funchess.hvp(lambda p: f(p, x, y), (params,), (v,))
     print("max |hvp - M @ v| =", f"{(funchess.ravel(hv) - M @ funchess.ravel(v)).abs().max():.2e}")
 
-    # 5. Check against the nested double-backward loop, in float64.
+    # 5. Check against the nested double-backward loop (one backward pass per row).
     t0 = time.perf_counter()
     loop = reference_hessian(f, params, x, y)
     t_loop = time.perf_counter() - t0
     assert_hessian_close(H, loop)
+    print(
+        f"matches the nested loop; funchess {t_fast * 1e3:.0f} ms (first call {t_first * 1e3:.0f} ms with "
+        f"torch.func's one-time set-up), loop {t_loop * 1e3:.0f} ms"
+    )
+    # ... and in float64, at the oracle's tight tolerance.
     f64, p64 = funchess.functional(model.double(), F.cross_entropy)
     assert_hessian_close(funchess.hessian(f64)(p64, x.double(), y), reference_hessian(f64, p64, x.double(), y))
-    print(f"matches the nested loop (float32 and float64); funchess {t_fast * 1e3:.0f} ms, loop {t_loop * 1e3:.0f} ms")
+    print("matches the nested loop in float64 too")
 
 
 if __name__ == "__main__":

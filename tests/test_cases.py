@@ -29,7 +29,7 @@ def test_hessian_matches_reference(case: Case, mode: str, snapshot) -> None:  # 
     snap.assert_unchanged()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+@pytest.mark.parametrize("chunk_size", [3, 10_000])
 def test_chunked_hessian_matches_reference(case64: Case, chunk_size: int) -> None:
     f, params = _setup(case64)
     expected = reference_hessian(f, params, case64.inputs, case64.targets)

@@ -113,9 +113,8 @@ def test_too_big_raises_before_allocating() -> None:
 def test_too_big_message_names_the_need_and_the_fixes() -> None:
     with pytest.raises(MemoryBudgetError, match=r"funchess\.hessian\(f, max_memory='1GiB'\)\(\.\.\.\): the Hessian of 50,000 parameters needs 9\.\d GiB on cpu \(output 9\.3 GiB .*\) of a budget of 1\.0 GiB; expected it to fit the budget \(max_memory='1GiB'\)\. Compute fewer blocks .*funchess\.hessian_diagonal.*funchess\.hvp.*a device with more memory"):
         funchess.hessian(lambda w: (w**3).sum(), max_memory="1GiB")(torch.zeros(50_000))
-    # the diagonal of the same function fits easily
-    d = funchess.hessian_diagonal(lambda w: (w**3).sum(), max_memory="1GiB")(torch.ones(50_000))
-    assert torch.equal(d, torch.full((50_000,), 6.0))
+    # the diagonal of the same function fits easily (its plan; computing it is tested elsewhere)
+    assert funchess.plan_hessian(lambda w: (w**3).sum(), diagonal=True, max_memory="1GiB")(torch.ones(50_000)).fits
 
 
 def test_plan_is_honest_about_sizes() -> None:
