@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -63,6 +64,7 @@ class Job:
     max_reps: int = 200  # ... but no more than this many
     long_run: float = 5.0  # a run longer than this is not repeated
     row_budget: float = 2.0  # seconds of rows for partial methods before extrapolating
+    threads: int | None = None  # torch.set_num_threads in the worker (None: torch's default)
 
 
 @dataclass
@@ -103,6 +105,8 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
         job = Job(**job_fields)
         torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would fail float32 checks on GPUs
         torch.backends.cudnn.allow_tf32 = False
+        if job.threads:
+            torch.set_num_threads(job.threads)
         device = torch.device(job.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -326,6 +330,7 @@ class Settings:
     time_limit: float
     row_budget: float
     max_memory: float
+    threads: int | None
     quick: bool
     progress: bool
     out: Path
@@ -346,6 +351,11 @@ def plan(settings: Settings) -> list[tuple[str, str, str]]:
                 if dt in settings.dtypes:
                     triples.append((section, name, dt))
     return triples
+
+
+@functools.cache
+def _built(name: str) -> Any:
+    return make_problem(name)
 
 
 def _wanted(method: Method, settings: Settings) -> bool:
@@ -385,7 +395,7 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         estimate = method.memory(info.sizes(dt))
         if not _installed(method):
             res.status, res.message = "not installed", f"needs {', '.join(method.requires)}: {BENCH_EXTRA}"
-        elif not method.applies(make_problem(prob)):
+        elif not method.applies(_built(prob)):
             res.message = "not supported by this method"
         elif prob in CORE_ONLY and not method.core:
             res.message = "largest problem: only the core methods run"
@@ -399,7 +409,7 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         else:
             job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
                       min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
-                      row_budget=settings.row_budget)
+                      row_budget=settings.row_budget, threads=settings.threads)
             res = run_job(ctx, job, settings.time_limit)
             res.n = res.n or info.n
             if res.has_time and res.time is not None:
@@ -448,6 +458,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         time_limit=args.time_limit if args.time_limit is not None else (30.0 if args.quick else 120.0),
         row_budget=1.0 if args.quick else 3.0,
         max_memory=args.max_memory * 2**30 if args.max_memory is not None else 0.6 * free,
+        threads=args.threads,
         quick=args.quick,
         progress=not args.no_progress,
         out=args.out,
@@ -480,6 +491,8 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
     print_fn(f"funchess bench ({'quick' if settings.quick else 'full'}): {len(triples)} tables on {settings.device}; "
              f"each method in a fresh process; memory limit {fmt_bytes(settings.max_memory)}, "
              f"time limit {settings.time_limit:.0f} s per method")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # the matmul rate is measured with the same threads
     infos = {p: problem_info(p) for p in names}
     started = time.perf_counter()
     meta: dict[str, Any] = {

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._hessian import hessian, hvp
+from ._hessian import hessian, hessian_diagonal, hvp
 from ._measure import sync
 from ._models import Problem
 from ._tree import offsets, ravel, to_matrix, unravel
@@ -326,8 +326,8 @@ def _backpack_diag(problem: Problem, _: Any) -> Callable[[], Any]:
 
 def _funchess_diag(problem: Problem, _: Any) -> Callable[[], Any]:
     f, params = _params_of(problem)
-    fn = hessian(f)
-    return lambda: to_matrix(fn(params, problem.inputs, problem.targets)).diagonal().clone()
+    fn = hessian_diagonal(f)
+    return lambda: fn(params, problem.inputs, problem.targets)
 
 
 # --- per-sample Hessians ----------------------------------------------------------------------
@@ -440,8 +440,8 @@ METHODS: list[Method] = [
     Method("torch.func vjp(grad)", "hvp", _vjp_grad, _flat, note="reverse-over-reverse"),
     Method("curvlinops H @ v", "hvp", _curvlinops_hvp, _flat, requires=("curvlinops",)),
     # diagonal
-    Method("funchess.hessian -> diagonal", "diagonal", _funchess_diag, _flat, _hc(1.0, CHUNK),
-           note="the full Hessian, then its diagonal (the exact diagonal without the matrix is future work)"),
+    Method("funchess.hessian_diagonal", "diagonal", _funchess_diag, _flat, lambda s: s.chunk(CHUNK),
+           note="exact diagonal, block by block, O(N) memory"),
     Method("BackPACK DiagHessian", "diagonal", _backpack_diag, _flat, requires=("backpack",),
            note="BackPACK supports a whitelist of layers"),
     # per-sample Hessians

@@ -18,12 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._hessian import hessian
+from ._hessian import hessian, plan_hessian
 from ._measure import PeakMemory, Stopwatch, fmt_bytes, fmt_seconds
 from ._models import DEMOS, Problem
+from ._operator import HessianOperator
+from ._spectral import EigenResult, SpectralDensity, TraceEstimate, eigsh, hutchpp_trace, spectral_density
 from ._tree import offsets, to_matrix
 
-__all__ = ["DemoOptions", "run", "train", "hessian_spectrum", "Spectrum", "block_table", "plot_hessian", "plot_spectrum"]
+__all__ = [
+    "DemoOptions", "run", "train", "hessian_spectrum", "Spectrum", "matrix_free", "MatrixFree", "block_table",
+    "plot_hessian", "plot_spectrum",
+]
 
 
 @dataclass
@@ -115,6 +120,28 @@ def hessian_spectrum(matrix: Tensor) -> Spectrum:
     sym = matrix.detach().to(torch.float64)
     sym = (sym + sym.T) / 2  # exact for funchess Hessians up to rounding; eigvalsh reads one triangle
     return Spectrum(torch.linalg.eigvalsh(sym).cpu(), "dense eigvalsh (torch.linalg.eigvalsh)")
+
+
+@dataclass
+class MatrixFree:
+    """Estimates from Hessian-vector products alone: what still works when `N x N` does not fit."""
+
+    top: EigenResult
+    trace: TraceEstimate
+    density: SpectralDensity
+
+
+def matrix_free(f: Callable[..., Tensor], params: dict[str, Tensor], x: Tensor, y: Tensor, seed: int) -> MatrixFree:
+    """The largest eigenvalue (`funchess.eigsh`, Lanczos), the trace (`funchess.hutchpp_trace`) and
+    the spectral density (`funchess.spectral_density`, stochastic Lanczos quadrature) of the
+    Hessian, through `funchess.HessianOperator` (no `N x N` matrix)."""
+    op = HessianOperator(f, params, x, y)
+    gen = torch.Generator().manual_seed(seed)
+    return MatrixFree(
+        top=eigsh(op, k=1, which="LA", generator=gen),
+        trace=hutchpp_trace(op, num_hvps=99, generator=gen),
+        density=spectral_density(op, num_probes=5, num_steps=40, generator=gen),
+    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -266,8 +293,9 @@ def _symlog_ticks(lo: float, hi: float, lin: float) -> list[float]:
     return [-(10.0**d) for d in reversed(keep) if d in neg] + [0.0] + [10.0**d for d in keep if d in pos]
 
 
-def plot_spectrum(spectrum: Spectrum, path: Path, title: str) -> Path:
-    """Sorted eigenvalues and a histogram of their density, both on a symmetric log scale.
+def plot_spectrum(spectrum: Spectrum, path: Path, title: str, slq: SpectralDensity | None = None) -> Path:
+    """Sorted eigenvalues and a histogram of their density, both on a symmetric log scale, and
+    (with `slq`) the matrix-free SLQ density against the exact eigenvalues on a linear axis.
 
     Eigenvalues with `|λ| < 1e-7 max |λ|` (numerically zero at this precision) are drawn grey and
     share one bin."""
@@ -283,7 +311,8 @@ def plot_spectrum(spectrum: Spectrum, path: Path, title: str) -> Path:
     def colour(v: float) -> str:
         return grey if abs(v) < lin else (red if v < 0 else blue)
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.2))
+    fig, axes = plt.subplots(1, 3 if slq is not None else 2, figsize=(20 if slq is not None else 14, 5.2))
+    ax, bx = axes[0], axes[1]
     idx = np.arange(1, ev.size + 1)
     ax.scatter(idx, ev, s=6, c=[colour(v) for v in ev], lw=0)
     ax.set_yscale("symlog", linthresh=lin)
@@ -316,6 +345,22 @@ def plot_spectrum(spectrum: Spectrum, path: Path, title: str) -> Path:
     )
     bx.set_title(f"spectral density ({spectrum.method.split(' (')[0]})")
     bx.grid(alpha=0.3, which="both")
+    if slq is not None:
+        cx = axes[2]
+        grid, dens = slq.grid.double().cpu().numpy(), slq.density.double().cpu().numpy()
+        edges = np.linspace(min(float(ev[0]), float(grid[0])), max(float(ev[-1]), float(grid[-1])), 60)
+        heights, _, _ = cx.hist(ev, bins=edges, density=True, color=blue, alpha=0.45,
+                                label=f"exact: {ev.size} eigenvalues")
+        cx.plot(grid, dens, color="black", lw=1.4,
+                label=f"SLQ: funchess.spectral_density, {slq.num_hvps} HVPs (σ = {slq.sigma:.2g})")
+        cx.set_yscale("log")
+        floor = max(float(dens.max()) * 1e-5, 1e-12)
+        cx.set_ylim(floor, 5 * max(float(dens.max()), float(np.max(heights))))
+        cx.set_xlabel("eigenvalue λ (linear)")
+        cx.set_ylabel("density")
+        cx.set_title("matrix-free estimate vs exact")
+        cx.legend(fontsize=8, loc="upper right")
+        cx.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -335,7 +380,7 @@ def _warm_up(problem: Problem) -> None:
 
 
 def _peak_note(mem: PeakMemory) -> str:
-    return f"{fmt_bytes(mem.peak)} above the start ({mem.what}; the Hessian plus one chunk's working set)"
+    return f"{fmt_bytes(mem.peak)} peak above the start ({mem.what})"
 
 
 def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
@@ -357,12 +402,14 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
     f, params = problem.function()
     x, y = problem.inputs, problem.targets
     _warm_up(problem)
+    plan = plan_hessian(f)(params, x, y)
     with PeakMemory(device) as mem:
         H = clock.time("Hessian (funchess.hessian)", lambda: hessian(f)(params, x, y), device)
     M = to_matrix(H)
     grad = torch.func.grad(f)(params, x, y)
     grad_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grad.values()))
-    spectrum = clock.time("eigenvalues", lambda: hessian_spectrum(M), device)
+    spectrum = clock.time("eigenvalues (dense eigvalsh)", lambda: hessian_spectrum(M), device)
+    free = clock.time("matrix-free estimates", lambda: matrix_free(f, params, x, y, opts.seed), device)
     trace = float(M.double().trace())
     blocks = block_table(H)
     symmetry = float((M - M.T).abs().max() / M.abs().max())
@@ -375,7 +422,7 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
     heat = clock.time(
         "pictures", lambda: plot_hessian(M, names, [b.size for b in blocks], opts.out / "hessian.png", title), device
     )
-    spec = clock.time("pictures", lambda: plot_spectrum(spectrum, opts.out / "spectrum.png", title), device)
+    spec = clock.time("pictures", lambda: plot_spectrum(spectrum, opts.out / "spectrum.png", title, free.density), device)
 
     first = f"{losses[0]:.4g}"
     print_fn(f"\ntrained {opts.steps} full-batch Adam steps: loss {first} -> {losses[-1]:.6g}"
@@ -406,13 +453,26 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
     width = max(len(k) for k, _ in summary_rows)
     for k, v in summary_rows:
         print_fn(f"  {k.ljust(width)}  {v}")
+    print_fn("\nmatrix-free estimates (funchess.HessianOperator: Hessian-vector products, no N x N matrix)")
+    free_rows = [
+        ("largest eigenvalue", f"{float(free.top.eigenvalues[-1]):.8g}",
+         f"funchess.eigsh (Lanczos), {free.top.num_hvps} HVPs"),
+        ("trace", f"{float(free.trace.value):.6g} ± {float(free.trace.std_error):.2g}",
+         f"funchess.hutchpp_trace, {free.trace.num_hvps} HVPs"),
+        ("spectral density", "in spectrum.png",
+         f"funchess.spectral_density (SLQ), {free.density.num_hvps} HVPs"),
+    ]
+    for k, v, how in free_rows:
+        print_fn(f"  {k.ljust(width)}  {v.ljust(16)}  {how}")
     print_fn("\ntime and memory")
     for k, v in clock.phases.items():
         print_fn(f"  {k.ljust(28)}  {fmt_seconds(v)}")
     total = time.perf_counter() - t_start
     print_fn(f"  {'total'.ljust(28)}  {fmt_seconds(total)}")
-    print_fn(f"  {'Hessian storage (planned)'.ljust(28)}  {fmt_bytes(planned)}  ({N:,}² x {M.element_size()} bytes)")
-    print_fn(f"  {'peak memory during hessian'.ljust(28)}  {_peak_note(mem)}")
+    print_fn(f"  {'planned (plan_hessian)'.ljust(28)}  {fmt_bytes(plan.peak_bytes)} peak = "
+             f"{fmt_bytes(plan.output_bytes)} Hessian ({N:,}² x {M.element_size()} bytes) + "
+             f"{fmt_bytes(plan.graph_bytes)} graph + {plan.chunk_size} rows x {fmt_bytes(plan.row_bytes)}")
+    print_fn(f"  {'measured during hessian'.ljust(28)}  {_peak_note(mem)}")
 
     summary: dict[str, Any] = {
         "model": opts.model,
@@ -435,7 +495,11 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         "blocks": [vars(b) for b in blocks],
         "seconds": clock.phases | {"total": total},
         "hessian_bytes": planned,
+        "planned_peak_bytes": plan.peak_bytes,
         "peak_memory_bytes": mem.peak,
+        "eigsh_largest_eigenvalue": float(free.top.eigenvalues[-1]),
+        "hutchpp_trace": float(free.trace.value),
+        "hutchpp_trace_std_error": float(free.trace.std_error),
         "peak_memory_kind": mem.what,
     }
     files = {"hessian": heat, "spectrum": spec}

@@ -253,6 +253,7 @@ def transformer(
 #: The benchmark's problems by name: zero-argument factories (deterministic).
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     "mlp-tiny": lambda: mlp((6, 8, 3), batch=16, name="mlp-tiny"),
+    "mlp-500": lambda: mlp((10, 16, 16, 3), batch=32, name="mlp-500"),
     "mlp-2k": lambda: mlp((20, 32, 32, 5), batch=64, loss="mse", name="mlp-2k"),
     "mlp-8k": lambda: mlp((50, 64, 64, 10), batch=128, name="mlp-8k"),
     "mlp-20k": lambda: mlp((60, 120, 96, 10), batch=128, name="mlp-20k"),
