@@ -62,7 +62,8 @@ class Method:
         requires: modules that must be importable (else the method is listed as not installed).
         applies: which problems the method supports at all (e.g. BackPACK's layer whitelist).
         partial: the method can stop after some rows and be extrapolated (the nested loop).
-        core: also run on the largest problems (where only a few methods run).
+        core: also run on the largest problems (`CORE_ONLY` in `funchess._bench`, where only the
+            default funchess entry and the main peers run).
         unit: the section's unit of time (the gradient in "hvp"): ratios are taken to it.
         quantity: what the output is when it is not the section's quantity ("gradient").
         note: a footnote for the table.
@@ -427,7 +428,7 @@ METHODS: list[Method] = [
     Method("curvlinops H @ I", "hessian", _curvlinops(None), lambda out: out, _all_rows(4.0),
            requires=("curvlinops",), note="curvlinops.HessianLinearOperator @ torch.eye(N)"),
     Method(f"curvlinops H @ I, {CHUNK} columns at a time", "hessian", _curvlinops(CHUNK), lambda out: out,
-           _hc(3.0, CHUNK), requires=("curvlinops",)),
+           _hc(3.0, CHUNK), requires=("curvlinops",), core=True),
     # Hessian-vector products (and the gradient they are measured against)
     Method("gradient (autograd.grad)", "hvp", _grad_autograd, _flat, unit=True, quantity="gradient",
            note="the unit: HVP times are given as multiples of this gradient"),

@@ -139,8 +139,8 @@ def matrix_free(f: Callable[..., Tensor], params: dict[str, Tensor], x: Tensor, 
     gen = torch.Generator().manual_seed(seed)
     return MatrixFree(
         top=eigsh(op, k=1, which="LA", generator=gen),
-        trace=hutchpp_trace(op, num_hvps=99, generator=gen),
-        density=spectral_density(op, num_probes=5, num_steps=40, generator=gen),
+        trace=hutchpp_trace(op, num_hvps=60, generator=gen),
+        density=spectral_density(op, num_probes=4, num_steps=30, generator=gen),
     )
 
 
@@ -213,7 +213,7 @@ def plot_hessian(matrix: Tensor, names: Sequence[str], sizes: Sequence[int], pat
         [[float(M[off[i] : off[i + 1], off[j] : off[j + 1]].norm()) for j in range(n)] for i in range(n)]
     )
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 7.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 7.2), gridspec_kw={"width_ratios": [1.25, 1], "wspace": 0.45})
     im = ax.imshow(
         M.clamp_min(floor).numpy(), norm=LogNorm(vmin=floor, vmax=top), cmap="magma", interpolation="nearest"
     )
@@ -242,10 +242,14 @@ def plot_hessian(matrix: Tensor, names: Sequence[str], sizes: Sequence[int], pat
     bx.set_title("Frobenius norm of each block ||H[a][b]||")
     fig.colorbar(im2, ax=bx, fraction=0.046, pad=0.02)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure cropped to its contents (no `tight_layout`: it lays the text out twice more)."""
+    fig.savefig(path, dpi=110, bbox_inches="tight", pil_kwargs={"compress_level": 3})
 
 
 def _spread(centres: Sequence[float], gap: float, lo: float, hi: float) -> list[float]:
@@ -311,7 +315,8 @@ def plot_spectrum(spectrum: Spectrum, path: Path, title: str, slq: SpectralDensi
     def colour(v: float) -> str:
         return grey if abs(v) < lin else (red if v < 0 else blue)
 
-    fig, axes = plt.subplots(1, 3 if slq is not None else 2, figsize=(20 if slq is not None else 14, 5.2))
+    fig, axes = plt.subplots(1, 3 if slq is not None else 2, figsize=(20 if slq is not None else 14, 5.2),
+                             gridspec_kw={"wspace": 0.25})
     ax, bx = axes[0], axes[1]
     idx = np.arange(1, ev.size + 1)
     ax.scatter(idx, ev, s=6, c=[colour(v) for v in ev], lw=0)
@@ -362,8 +367,7 @@ def plot_spectrum(spectrum: Spectrum, path: Path, title: str, slq: SpectralDensi
         cx.legend(fontsize=8, loc="upper right")
         cx.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)
     plt.close(fig)
     return path
 

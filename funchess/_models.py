@@ -273,8 +273,8 @@ TINY: dict[str, str] = {"mlp": "mlp-tiny", "cnn": "cnn-tiny", "transformer": "tr
 #: The demo's models: a few hundred to a thousand parameters, so the dense Hessian is quick.
 DEMOS: dict[str, Callable[[int], Problem]] = {
     "mlp": lambda seed: mlp((4, 24, 24, 3), batch=512, seed=seed, name="mlp"),
-    "cnn": lambda seed: cnn((1, 6, 8), size=12, classes=4, batch=256, seed=seed, name="cnn"),
-    "transformer": lambda seed: transformer(8, 2, 16, seq=6, classes=3, batch=256, seed=seed, name="transformer"),
+    "cnn": lambda seed: cnn((1, 6, 8), size=10, classes=4, batch=128, seed=seed, name="cnn"),
+    "transformer": lambda seed: transformer(8, 2, 16, seq=6, classes=3, batch=128, seed=seed, name="transformer"),
 }
 
 
