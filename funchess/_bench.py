@@ -64,6 +64,7 @@ class Job:
     max_reps: int = 200  # ... but no more than this many
     long_run: float = 5.0  # a run longer than this is not repeated
     row_budget: float = 2.0  # seconds of rows for partial methods before extrapolating
+    flop_budget: float = 20.0  # count the method's FLOPs (one more, slower run) if that fits in this many seconds
     threads: int | None = None  # torch.set_num_threads in the worker (None: torch's default)
 
 
@@ -87,6 +88,7 @@ class Result:
     memory_kind: str = ""
     error: float | None = None
     tolerance: float | None = None
+    flops: float | None = None  # the method's own arithmetic (matmul/conv FLOPs, torch.utils.flop_counter)
     estimate: float | None = None  # the memory estimate that decided whether it ran
     message: str = ""
 
@@ -161,6 +163,12 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
             "n": n, "time": statistics.median(times), "times": times, "extrapolated": extrapolated,
             "rows": rows, "peak_memory": mem.peak, "memory_kind": mem.what,
         }))
+        if not extrapolated and 12 * statistics.median(times) <= job.flop_budget:  # counting is ~2-10x slower
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                run(0.0) if method.partial else run()  # all rows: the timed run finished them in time
+            conn.send(("flops", {"flops": float(counter.get_total_flops())}))
         value = method.output(out)
         del out
         err = check(method, problem, value, rows if extrapolated else None)
@@ -226,10 +234,11 @@ def run_job(ctx: Any, job: Job, time_limit: float, setup_limit: float = 120.0) -
                 break
             if kind == "start":
                 phase, deadline = "timing", time.monotonic() + time_limit
-            elif kind == "timed":
+            elif kind in ("timed", "flops"):
                 for k, v in data.items():
                     setattr(res, k, v)
-                phase, deadline = "check", time.monotonic() + max(120.0, time_limit)
+                if kind == "timed":
+                    phase, deadline = "check", time.monotonic() + max(120.0, time_limit)
             elif kind == "checked":
                 res.error = data["error"]
                 ok = res.error is not None and res.error <= TOLERANCE[job.dtype]
@@ -318,7 +327,7 @@ QUICK_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "diagonal": [("mlp-2k", ("float32",))],
     "per-sample": [("mlp-tiny", ("float32",))],
 }
-#: Problems so large that only the methods marked `core` run on them.
+#: Problems so large that only the methods marked `core` run on them (in the "hessian" section).
 CORE_ONLY = {"mlp-20k", "mlp-50k"}
 
 
@@ -403,7 +412,7 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
             res.status, res.message = "not installed", f"needs {', '.join(method.requires)}: {BENCH_EXTRA}"
         elif not method.applies(_built(prob)):
             res.message = "not supported by this method"
-        elif prob in CORE_ONLY and not method.core:
+        elif section == "hessian" and prob in CORE_ONLY and not method.core:
             res.message = "largest problem: only the core methods run"
         elif estimate > settings.max_memory:
             res.message = f"needs ~{fmt_bytes(estimate)}, over the {fmt_bytes(settings.max_memory)} limit (--max-memory)"
@@ -415,7 +424,8 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         else:
             job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
                       min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
-                      row_budget=settings.row_budget, threads=settings.threads)
+                      row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 20.0,
+                      threads=settings.threads)
             res = run_job(ctx, job, settings.time_limit)
             res.n, res.estimate = res.n or info.n, estimate
             if res.has_time and res.time is not None and cost:
@@ -461,7 +471,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         methods=split(args.methods),
         min_time=args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0),
         min_reps=2 if args.quick else 3,
-        time_limit=args.time_limit if args.time_limit is not None else (30.0 if args.quick else 120.0),
+        time_limit=args.time_limit if args.time_limit is not None else (20.0 if args.quick else 60.0),
         row_budget=1.0 if args.quick else 3.0,
         max_memory=args.max_memory * 2**30 if args.max_memory is not None else 0.6 * free,
         threads=args.threads,
@@ -509,6 +519,8 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
         "matmul_gflops": {dt: matmul_gflops(_DTYPES[dt], settings.device) for dt in settings.dtypes},
     }
     results = run_jobs(settings, infos, print_fn)
+    for dt in settings.dtypes:  # measured again at the end; the faster is the machine's limit
+        meta["matmul_gflops"][dt] = max(meta["matmul_gflops"][dt], matmul_gflops(_DTYPES[dt], settings.device))
     meta["seconds"] = time.perf_counter() - started
     settings.out.mkdir(parents=True, exist_ok=True)
     md = markdown(results, infos, meta)

@@ -58,7 +58,7 @@ def markdown(results: Sequence[Result], infos: dict[str, ProblemInfo], meta: dic
         + (f" Load average at the start: {', '.join(map(str, mach['load_average']))}." if "load_average" in mach else "")
     )
     rates = ", ".join(f"{v:.0f} GFLOP/s {k}" for k, v in meta["matmul_gflops"].items())
-    out.append(f"Matmul rate measured in this run: {rates}.")
+    out.append(f"Peak matmul rate measured in this run (fastest square product, at the start and the end): {rates}.")
     out.append(
         "Times are medians of repeated runs after a warm-up (runs = how many); `~` marks a time "
         "extrapolated from a timed subset of rows. Peak memory is above the process's start, each "
@@ -86,7 +86,7 @@ def markdown(results: Sequence[Result], infos: dict[str, ProblemInfo], meta: dic
         if what:
             head.append("x H" if section == "hessian" else "x B·H")
         if section == "hessian":
-            head += ["GFLOP/s", "% of matmul"]
+            head += ["GFLOP", "GFLOP/s", "% of matmul peak"]
         head += ["rel. error", "correct"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join("---" for _ in head) + "|")
@@ -98,8 +98,9 @@ def markdown(results: Sequence[Result], infos: dict[str, ProblemInfo], meta: dic
             if what:
                 cells.append("" if r.peak_memory is None else f"{r.peak_memory / size:.2f}")
             if section == "hessian":
-                gf = info.hessian_flops / r.time / 1e9 if r.has_time and r.time else None
-                cells += ["" if gf is None else f"{gf:.1f}", "" if gf is None or not rate else f"{100 * gf / rate:.1f}%"]
+                gf = r.flops / r.time / 1e9 if r.flops and r.has_time and r.time else None
+                cells += ["" if not r.flops else f"{r.flops / 1e9:.2f}", "" if gf is None else f"{gf:.1f}",
+                          "" if gf is None or not rate else f"{100 * gf / rate:.0f}%"]
             cells += ["" if r.error is None else f"{r.error:.1e}", status_text(r)]
             out.append("| " + " | ".join(cells) + " |")
         notes = []
@@ -108,8 +109,10 @@ def markdown(results: Sequence[Result], infos: dict[str, ProblemInfo], meta: dic
                 notes.append(f"`{r.method}`: extrapolated from {r.rows:,} of {info.n:,} rows "
                              f"(setup + rows x N / rows timed).")
         if section == "hessian":
-            notes.append(f"GFLOP/s: N HVPs' worth of matmul/conv arithmetic ({info.hessian_flops / 1e9:.1f} GFLOP, "
-                         f"counted by torch.utils.flop_counter on one double-backward HVP) per second.")
+            notes.append(f"GFLOP: the method's own matmul/conv arithmetic for the whole Hessian, counted by "
+                         f"torch.utils.flop_counter in one extra run (when that fits the time budget); for scale, "
+                         f"N double-backward HVPs are {info.hessian_flops / 1e9:.1f} GFLOP. GFLOP/s is that over "
+                         f"the median time; the last column compares it with the peak matmul rate.")
         if ref_name:
             notes.append(f"Ratios are times over `{ref_name}` in this table.")
         out += [""] + [f"- {n}" for n in notes] + [""]
@@ -132,7 +135,7 @@ def _headline(results: Sequence[Result], infos: dict[str, ProblemInfo]) -> list[
     for (_, prob, dt), rows in groups:
         by = {r.method: r for r in rows}
         fun = by.get("funchess.hessian")
-        if fun is None:
+        if fun is None or not fun.has_time:
             continue
         cells = [prob, f"{infos[prob].n:,}", dt, _cell_time(fun)]
         for p in peers:

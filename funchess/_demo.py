@@ -253,21 +253,19 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _spread(centres: Sequence[float], gap: float, lo: float, hi: float) -> list[float]:
-    """Label positions near `centres` (ascending) at least `gap` apart, inside [lo, hi]."""
-    pos = list(centres)
-    for _ in range(50):
-        for i in range(1, len(pos)):
-            pos[i] = max(pos[i], pos[i - 1] + gap)
-        over = pos[-1] - hi
-        if over > 0:
-            pos = [p - over for p in pos]
-        for i in range(len(pos) - 2, -1, -1):
+    """Label positions near `centres` (ascending), inside [lo, hi], at least `gap` apart (or as far
+    apart as fits): pushed up past their neighbours, then pulled back from the top if they overflow."""
+    n = len(centres)
+    if n == 0:
+        return []
+    gap = min(gap, (hi - lo) / max(n - 1, 1))
+    pos = [min(max(c, lo), hi) for c in centres]
+    for i in range(1, n):
+        pos[i] = max(pos[i], pos[i - 1] + gap)
+    if pos[-1] > hi:
+        pos[-1] = hi
+        for i in range(n - 2, -1, -1):
             pos[i] = min(pos[i], pos[i + 1] - gap)
-        under = lo - pos[0]
-        if under > 0:
-            pos = [p + under for p in pos]
-        if all(b - a >= gap * 0.999 for a, b in zip(pos, pos[1:], strict=False)):
-            break
     return pos
 
 
@@ -292,7 +290,7 @@ def _symlog_ticks(lo: float, hi: float, lin: float) -> list[float]:
     decades = list(range(bottom, top + 1))
     pos = [d for d in decades if 10.0**d <= hi]
     neg = [d for d in decades if lo <= -(10.0**d)]
-    step = max(1, math.ceil((len(pos) + len(neg)) / 12))
+    step = max(1, math.ceil((len(pos) + len(neg)) / 9))
     keep = [d for d in decades if (top - d) % step == 0]
     return [-(10.0**d) for d in reversed(keep) if d in neg] + [0.0] + [10.0**d for d in keep if d in pos]
 

@@ -143,20 +143,19 @@ def mlp(
 # ----------------------------------------------------------------------------- CNN
 
 
-class ConvNet(nn.Module):  # type: ignore[misc]
-    """conv 3x3 -> tanh -> conv 3x3 -> tanh -> 2x2 average pool -> linear."""
-
-    def __init__(self, channels: tuple[int, int, int], size: int, classes: int) -> None:
-        super().__init__()
-        c0, c1, c2 = channels
-        self.conv1 = nn.Conv2d(c0, c1, 3)
-        self.conv2 = nn.Conv2d(c1, c2, 3)
-        self.out = nn.Linear(c2 * ((size - 4) // 2) ** 2, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
-        out: Tensor = self.out(F.avg_pool2d(h, 2).flatten(1))
-        return out
+def _conv_net(channels: tuple[int, int, int], size: int, classes: int) -> nn.Sequential:
+    """conv 3x3 -> tanh -> conv 3x3 -> tanh -> 2x2 average pool -> linear, all as modules (so that
+    layer-whitelist tools such as BackPACK can run on it too)."""
+    c0, c1, c2 = channels
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(c0, c1, 3)),
+        ("act1", nn.Tanh()),
+        ("conv2", nn.Conv2d(c1, c2, 3)),
+        ("act2", nn.Tanh()),
+        ("pool", nn.AvgPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("out", nn.Linear(c2 * ((size - 4) // 2) ** 2, classes)),
+    ]))
 
 
 def _noisy_labels(y: Tensor, classes: int, gen: torch.Generator, rate: float = 0.1) -> Tensor:
@@ -189,7 +188,7 @@ def cnn(
     name: str = "cnn",
 ) -> Problem:
     """A two-layer conv net classifying the orientation of noisy gratings."""
-    model = _init(ConvNet(channels, size, classes), seed)
+    model = _init(_conv_net(channels, size, classes), seed)
     x, y = _gratings(batch, channels[0], size, classes, _generator(seed + 1))
     desc = f"CNN {channels[0]}x{size}x{size} -> conv{channels[1]} -> conv{channels[2]} -> {classes}, tanh, cross-entropy, batch {batch}"
     return Problem(name, "cnn", desc, model, F.cross_entropy, x, y, {"channels": channels})

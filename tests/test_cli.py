@@ -100,14 +100,28 @@ def test_demo_prints_what_the_library_returns(demo_run: tuple[subprocess.Complet
     assert m and float(m.group(1)) == pytest.approx(float(eig[-1]), rel=1e-6)
 
 
-@pytest.mark.parametrize("model", ["cnn", "transformer"])
-def test_demo_other_models(model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_transformer_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The model with the most blocks (14, some of them exactly zero: the key bias of attention)."""
     torch.set_num_threads(1)
-    assert main(["demo", "--model", model, "--steps", "3", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--model", "transformer", "--steps", "3", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "funchess.eigsh" in out and "parameter blocks" in out
+    assert "attn.in_proj_weight" in out and "funchess.eigsh" in out
     for name in ("hessian.png", "spectrum.png"):
         assert _png_size(tmp_path / name)[0] >= 1000
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer"])
+def test_demo_models_train_deterministically(model: str) -> None:
+    from funchess._demo import train
+    from funchess._models import DEMOS
+
+    runs = []
+    for _ in range(2):
+        problem = DEMOS[model](3).to(torch.float64)
+        runs.append(train(problem, 5, progress=False))
+    assert runs[0] == runs[1]  # same seed, same losses
+    assert runs[0][-1] < runs[0][0]  # and training lowers the loss
+    assert 500 <= problem.num_params <= 1500  # small enough for a dense Hessian and its eigenvalues
 
 
 # ----------------------------------------------------------------------------- errors
