@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sections", default=None, help="comma-separated: hessian,hvp,diagonal,per-sample (default: all)")
     bench.add_argument("--methods", default=None, help="comma-separated substrings; run only methods whose name contains one")
     bench.add_argument("--min-time", type=float, default=None, help="seconds of repeated timing per method (default: 1, 0.3 with --quick)")
-    bench.add_argument("--time-limit", type=float, default=None, help="seconds before a method is stopped (default: 60, 20 with --quick)")
+    bench.add_argument("--time-limit", type=float, default=None, help="seconds before a method is stopped (default: 60, 20 with --quick; 3x on the largest problems)")
     bench.add_argument("--max-memory", type=float, default=None, help="GiB a method may be expected to use (default: 60%% of available memory)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads per method (default: torch's default)")
     bench.add_argument("--out", type=Path, default=Path("funchess-bench"), help="output folder (default: ./funchess-bench)")

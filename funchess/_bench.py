@@ -314,8 +314,9 @@ FULL_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("mlp-20k", ("float32",)),
         ("mlp-50k", ("float32",)),
         ("cnn-5k", ("float32",)),
-        ("transformer-9k", ("float32", "float64")),
+        ("transformer-2k", ("float32", "float64")),
         ("transformer-fused-2k", ("float32",)),
+        ("transformer-9k", ("float32",)),
     ],
     "hvp": [(p, ("float32",)) for p in ("mlp-2k", "mlp-20k", "cnn-5k", "transformer-9k")],
     "diagonal": [("mlp-8k", ("float32",)), ("cnn-5k", ("float32",))],
@@ -397,7 +398,8 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
     ]
     ctx = _context()
     results: list[Result] = []
-    seen: dict[tuple[str, str, str, str], tuple[float, str, bool]] = {}  # (section, family, dtype, method) -> cost
+    # (section, family, dtype, method) -> (seconds per parameter, problem, its N, timed out)
+    seen: dict[tuple[str, str, str, str], tuple[float, str, int, bool]] = {}
     bar = tqdm(work, disable=not settings.progress, unit="method", leave=False)
     for method, section, prob, dt in bar:
         info = infos[prob]
@@ -406,32 +408,35 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         # a lower bound on the time from a smaller problem: N rows, each no cheaper than before
         cost = 0.0 if section == "hvp" else float(info.n)
         key = (section, info.family, dt, method.name)
+        prior = seen.get(key) if key in seen and seen[key][2] <= info.n else None  # a smaller problem
         estimate = method.memory(info.sizes(dt))
         res.estimate = estimate
+        core_only = section == "hessian" and prob in CORE_ONLY
+        limit = settings.time_limit * (3 if core_only else 1)  # the few methods on the largest get longer
         if not _installed(method):
             res.status, res.message = "not installed", f"needs {', '.join(method.requires)}: {BENCH_EXTRA}"
         elif not method.applies(_built(prob)):
             res.message = "not supported by this method"
-        elif section == "hessian" and prob in CORE_ONLY and not method.core:
+        elif core_only and not method.core:
             res.message = "largest problem: only the core methods run"
         elif estimate > settings.max_memory:
             res.message = f"needs ~{fmt_bytes(estimate)}, over the {fmt_bytes(settings.max_memory)} limit (--max-memory)"
-        elif key in seen and seen[key][2]:
-            res.message = f"timed out on the smaller {seen[key][1]}"
-        elif key in seen and not method.partial and seen[key][0] * cost > settings.time_limit:
-            res.message = (f"at least ~{fmt_seconds(seen[key][0] * cost)} (its time on {seen[key][1]} x the "
-                           f"ratio of parameter counts), over the {settings.time_limit:.0f} s limit (--time-limit)")
+        elif prior is not None and prior[3]:
+            res.message = f"timed out on the smaller {prior[1]}"
+        elif prior is not None and not method.partial and prior[0] * cost > limit:
+            res.message = (f"at least ~{fmt_seconds(prior[0] * cost)} (its time on {prior[1]} x the "
+                           f"ratio of parameter counts), over the {limit:.0f} s limit (--time-limit)")
         else:
             job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
                       min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
                       row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 20.0,
                       threads=settings.threads)
-            res = run_job(ctx, job, settings.time_limit)
+            res = run_job(ctx, job, limit)
             res.n, res.estimate = res.n or info.n, estimate
             if res.has_time and res.time is not None and cost:
-                seen[key] = (res.time / cost, prob, False)
+                seen[key] = (res.time / cost, prob, info.n, False)
             elif res.status == "timeout":
-                seen[key] = (math.inf, prob, True)
+                seen[key] = (math.inf, prob, info.n, True)
         results.append(res)
         line = f"{section:10s} {prob:20s} {dt:7s} {method.name:42s} {status_text(res, short=True)}"
         if settings.progress:

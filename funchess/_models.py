@@ -260,6 +260,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "cnn-tiny": lambda: cnn((1, 2, 2), size=8, classes=2, batch=8, name="cnn-tiny"),
     "cnn-5k": lambda: cnn((3, 8, 16), size=14, classes=10, batch=64, name="cnn-5k"),
     "transformer-tiny": lambda: transformer(4, 2, 8, seq=3, classes=2, batch=8, name="transformer-tiny"),
+    "transformer-2k": lambda: transformer(16, 2, 32, seq=8, classes=10, batch=64, name="transformer-2k"),
     "transformer-9k": lambda: transformer(32, 4, 64, seq=8, classes=10, batch=64, name="transformer-9k"),
     "transformer-fused-2k": lambda: transformer(
         16, 2, 32, seq=8, classes=10, batch=64, fused_attention=True, name="transformer-fused-2k"
