@@ -64,7 +64,7 @@ class Job:
     max_reps: int = 200  # ... but no more than this many
     long_run: float = 5.0  # a run longer than this is not repeated
     row_budget: float = 2.0  # seconds of rows for partial methods before extrapolating
-    flop_budget: float = 20.0  # count the method's FLOPs (one more, slower run) if that fits in this many seconds
+    flop_budget: float = 60.0  # count the method's FLOPs (one more, slower run) if that fits in this many seconds
     threads: int | None = None  # torch.set_num_threads in the worker (None: torch's default)
 
 
@@ -163,7 +163,8 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
             "n": n, "time": statistics.median(times), "times": times, "extrapolated": extrapolated,
             "rows": rows, "peak_memory": mem.peak, "memory_kind": mem.what,
         }))
-        if not extrapolated and 12 * statistics.median(times) <= job.flop_budget:  # counting is ~2-10x slower
+        slowdown = 12 if method.loop else 3  # counting FLOPs costs per operation: loops suffer most
+        if not extrapolated and slowdown * statistics.median(times) <= job.flop_budget:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
@@ -429,7 +430,7 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         else:
             job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
                       min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
-                      row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 20.0,
+                      row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 60.0,
                       threads=settings.threads)
             res = run_job(ctx, job, limit)
             res.n, res.estimate = res.n or info.n, estimate

@@ -62,6 +62,7 @@ class Method:
         requires: modules that must be importable (else the method is listed as not installed).
         applies: which problems the method supports at all (e.g. BackPACK's layer whitelist).
         partial: the method can stop after some rows and be extrapolated (the nested loop).
+        loop: one Python-level pass per row or sample (counting its FLOPs is slow, ~10x).
         core: also run on the largest problems (`CORE_ONLY` in `funchess._bench`, where only the
             default funchess entry and the main peers run).
         unit: the section's unit of time (the gradient in "hvp"): ratios are taken to it.
@@ -77,6 +78,7 @@ class Method:
     requires: tuple[str, ...] = ()
     applies: Callable[[Problem], bool] = lambda p: True
     partial: bool = False
+    loop: bool = False
     core: bool = False
     unit: bool = False
     quantity: str = ""
@@ -416,10 +418,11 @@ METHODS: list[Method] = [
            note="default: mode='auto' (rev-rev, falling back to fwd-rev), rows chunked into one preallocated matrix"),
     Method("funchess.hessian rev-rev", "hessian", _funchess_hessian("rev-rev"), to_matrix, _hc(1.0, CHUNK)),
     Method("funchess.hessian fwd-rev", "hessian", _funchess_hessian("fwd-rev"), to_matrix, _hc(1.0, CHUNK)),
-    Method("nested loop (autograd.grad)", "hessian", _nested_loop, lambda out: out, _h(1.0), partial=True, core=True,
+    Method("nested loop (autograd.grad)", "hessian", _nested_loop, lambda out: out, _h(1.0), partial=True, loop=True,
+           core=True,
            note="one torch.autograd.grad(create_graph=True), then one backward per row"),
     Method("autograd.functional.hessian", "hessian", _autograd_functional(False),
-           lambda out: _matrix_from_tuple(*out), _h(2.0)),
+           lambda out: _matrix_from_tuple(*out), _h(2.0), loop=True),
     Method("autograd.functional.hessian vectorize", "hessian", _autograd_functional(True),
            lambda out: _matrix_from_tuple(*out), _all_rows(2.0)),
     Method("torch.func.hessian", "hessian", _torch_func_hessian, to_matrix, _all_rows(1.5), core=True),
@@ -449,11 +452,12 @@ METHODS: list[Method] = [
     # per-sample Hessians
     Method("vmap(funchess.hessian)", "per-sample", _per_sample_vmap(hessian), _stack_batched, _ps(1.0, False),
            note="funchess's per-sample entry; a dedicated per-sample API plugs in here"),
-    Method("loop of funchess.hessian", "per-sample", _per_sample_loop(hessian), lambda out: out, _ps(1.0, False)),
+    Method("loop of funchess.hessian", "per-sample", _per_sample_loop(hessian), lambda out: out, _ps(1.0, False),
+           loop=True),
     Method("vmap(torch.func.hessian)", "per-sample", _per_sample_vmap(torch.func.hessian), _stack_batched,
            _ps(3.0, True)),
     Method("loop of torch.func.hessian", "per-sample", _per_sample_loop(torch.func.hessian), lambda out: out,
-           _ps(1.0, False)),
+           _ps(1.0, False), loop=True),
 ]
 
 
