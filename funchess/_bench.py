@@ -121,6 +121,13 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
         def once(run: Callable[..., Any]) -> Any:
             return run(job.row_budget) if method.partial else run()
 
+        def timed(run: Callable[..., Any]) -> tuple[Any, float]:
+            sync(device)
+            t0 = time.perf_counter()
+            out = once(run)
+            sync(device)
+            return out, time.perf_counter() - t0
+
         tiny = make_problem(TINY[problem.family], dtype, device)
         with contextlib.suppress(Exception):  # warm-up (one-time setup, caches); the real run reports errors
             once(method.build(tiny, _probe(tiny)))
@@ -131,11 +138,7 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
         rows: int | None = None
         extrapolated = False
         with PeakMemory(device) as mem:
-            sync(device)
-            t0 = time.perf_counter()
-            out = once(run)
-            sync(device)
-            t = time.perf_counter() - t0
+            out, t = timed(run)
         if method.partial:
             out, rows, setup_s, rows_s = out
             if rows is not None and rows < n:
@@ -149,11 +152,7 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
             and len(times) < job.max_reps
         ):
             out = None  # free the previous result first: peak memory stays one result
-            sync(device)
-            t0 = time.perf_counter()
-            out = once(run)
-            sync(device)
-            t = time.perf_counter() - t0
+            out, t = timed(run)
             if method.partial:
                 out = out[0]
             times.append(t)
