@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import funchess
 from funchess._bench import Result, Settings, plan, settings_from
-from funchess._bench_methods import METHODS, TOLERANCE, check, find_method
+from funchess._bench_methods import TOLERANCE, check, find_method
 from funchess._bench_report import markdown, status_text
 from funchess._demo import _spread, _symlog_ticks
 from funchess._measure import PeakMemory
