@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hessian import hessian, hessian_diagonal, hvp
+from ._per_sample import per_sample_hessian
 from ._measure import sync
 from ._models import Problem
 from ._tree import offsets, ravel, to_matrix, unravel
@@ -372,6 +373,12 @@ def _per_sample_vmap(transform: Callable[..., Any]) -> Callable[[Problem, Any], 
     return build
 
 
+def _funchess_per_sample(problem: Problem, _: Any) -> Callable[[], Any]:
+    f, params = _params_of(problem)
+    fn = per_sample_hessian(f)
+    return lambda: to_matrix(fn(params, problem.inputs, problem.targets), batch_dims=1)
+
+
 def _stack_batched(out: Any) -> Tensor:
     """A `(B, N, N)` stack from a batched Hessian pytree `H[a][b]` of shape `(B, *a, *b)`."""
     if isinstance(out, Tensor):
@@ -450,8 +457,8 @@ METHODS: list[Method] = [
     Method("BackPACK DiagHessian", "diagonal", _backpack_diag, _flat, requires=("backpack",),
            note="BackPACK supports a whitelist of layers"),
     # per-sample Hessians
-    Method("vmap(funchess.hessian)", "per-sample", _per_sample_vmap(hessian), _stack_batched, _ps(1.0, False),
-           note="funchess's per-sample entry; a dedicated per-sample API plugs in here"),
+    Method("funchess.per_sample_hessian", "per-sample", _funchess_per_sample, lambda out: out, _ps(1.0, False)),
+    Method("vmap(funchess.hessian)", "per-sample", _per_sample_vmap(hessian), _stack_batched, _ps(1.0, False)),
     Method("loop of funchess.hessian", "per-sample", _per_sample_loop(hessian), lambda out: out, _ps(1.0, False),
            loop=True),
     Method("vmap(torch.func.hessian)", "per-sample", _per_sample_vmap(torch.func.hessian), _stack_batched,

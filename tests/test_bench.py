@@ -96,7 +96,7 @@ def test_plans_follow_the_options() -> None:
     assert only == [("hessian", "mlp-tiny", "float32"), ("hessian", "cnn-tiny", "float32"),
                     ("hvp", "mlp-tiny", "float32"), ("hvp", "cnn-tiny", "float32")]
     full = settings_from(_args(quick=False, max_memory=2.0))
-    assert isinstance(full, Settings) and full.max_memory == 2 * 2**30 and full.time_limit == 120
+    assert isinstance(full, Settings) and full.max_memory == 2 * 2**30 and full.time_limit == 60
     assert {s for s, _, _ in plan(full)} == {"hessian", "hvp", "diagonal", "per-sample"}
 
 
