@@ -116,12 +116,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-45k", action="store_true")
+    ap.add_argument("--widths", default=None, help="comma-separated hidden widths of the deep MLPs (default 32,48,64)")
     args = ap.parse_args()
     import torch
 
     print(f"# funchess scale benchmark\n\n{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; float32, cross-entropy, batch 128.\n")
-    widths = [24, 32] if args.quick else [32, 48, 64]
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else ([24, 32] if args.quick else [32, 48, 64])
     for w in widths:
         dims = [30] + [w] * 6 + [10]  # 7 linear layers (6 hidden)
         rows = {}

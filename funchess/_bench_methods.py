@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from ._hessian import hessian, hessian_diagonal, hvp
-from ._per_sample import per_sample_hessian
 from ._measure import sync
 from ._models import Problem
+from ._per_sample import per_sample_hessian
 from ._tree import offsets, ravel, to_matrix, unravel
 
 __all__ = ["Method", "METHODS", "SECTIONS", "TOLERANCE", "CHUNK", "Sizes", "find_method", "check"]

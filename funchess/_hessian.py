@@ -42,7 +42,7 @@ from ._memory import (
     too_big,
 )
 from ._select import Blocks, resolve_blocks, resolve_leaves
-from ._tree import tree_flatten, tree_map
+from ._tree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["hessian", "hessian_diagonal", "plan_hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
 
@@ -616,6 +616,38 @@ def _check_tangents(call: str, primals: Any, tangents: Any) -> None:
                 )
 
 
+def _plain_autograd_ok(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> bool:
+    """Whether plain autograd can take the reverse-over-reverse HVP: outside every torch.func
+    transform, with no leaf already tracked by an outer autograd graph (whose derivatives
+    torch.func would carry through, and a detached copy would not)."""
+    if inside_transform():
+        return False
+    leaves = tree_flatten((primals, tangents))[0]
+    return all(isinstance(t, Tensor) and not t.requires_grad for t in leaves)
+
+
+def _double_backward(
+    f: Callable[..., Any], call: str, has_aux: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[tuple[Any, ...], Any]:
+    """"rev-rev" by plain autograd: one gradient with `create_graph=True`, then one backward of
+    `<gradient, tangent>`. Same arithmetic as `vjp(grad(f))`, without torch.func's wrappers."""
+    leaves, spec = tree_flatten(primals)
+    xs = [t.detach().requires_grad_(True) for t in leaves]
+    vs = tree_flatten(tangents)[0]
+    with torch.enable_grad():
+        out = _scalar_fn(f, call, has_aux)(*tree_unflatten(spec, xs))
+        value, aux = out if has_aux else (out, None)
+        grads = torch.autograd.grad(value, xs, create_graph=True, allow_unused=True)
+        terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+        dot = torch.stack(terms).sum() if terms else None
+        hv: Sequence[Tensor | None] = (
+            torch.autograd.grad(dot, xs, allow_unused=True) if dot is not None else [None] * len(xs)
+        )
+    result = [torch.zeros_like(x) if h is None else h for x, h in zip(xs, hv)]
+    aux = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+    return tuple(tree_unflatten(spec, result)), aux
+
+
 def _hvp_like(name: str) -> Callable[..., Any]:
     def product(
         f: Callable[..., Any],
@@ -632,6 +664,8 @@ def _hvp_like(name: str) -> Callable[..., Any]:
         _check_primals(call, primals, [f"primals[{k}]" for k in range(len(primals))])
 
         def rev() -> Any:
+            if _plain_autograd_ok(primals, tangents):
+                return _double_backward(f, call, has_aux, primals, tangents)
             g = _gradient(f, call, has_aux, single=False)
             if has_aux:
                 _, pullback, aux = vjp(g, *primals, has_aux=True)
