@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "Each method runs in a fresh process; every answer is checked against the oracle.",
     )
     bench.add_argument("--quick", action="store_true", help="small problems only (about a minute)")
+    bench.add_argument("--large", action="store_true", help="add the larger conv net and transformer (cnn-5k, transformer-9k): a much longer run")
     bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     bench.add_argument("--dtype", default=None, help="comma-separated dtypes (default: float32,float64)")
     bench.add_argument(

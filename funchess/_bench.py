@@ -306,21 +306,26 @@ def problem_info(name: str) -> ProblemInfo:
                        count[0], float(counter.get_total_flops()))
 
 
-#: What `bench` runs by default: section -> [(problem, dtypes)].
+#: What `bench` runs by default (about ten minutes on 2 CPU cores): section -> [(problem, dtypes)].
 FULL_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "hessian": [
         ("mlp-2k", ("float32", "float64")),
         ("mlp-8k", ("float32",)),
         ("mlp-20k", ("float32",)),
         ("mlp-50k", ("float32",)),
-        ("cnn-5k", ("float32",)),
-        ("transformer-2k", ("float32", "float64")),
+        ("cnn-2k", ("float32",)),
+        ("transformer-2k", ("float32",)),
         ("transformer-fused-2k", ("float32",)),
-        ("transformer-9k", ("float32",)),
     ],
-    "hvp": [(p, ("float32",)) for p in ("mlp-2k", "mlp-20k", "cnn-5k", "transformer-9k")],
-    "diagonal": [("mlp-8k", ("float32",)), ("cnn-5k", ("float32",))],
-    "per-sample": [("mlp-500", ("float32", "float64"))],
+    "hvp": [(p, ("float32",)) for p in ("mlp-2k", "mlp-20k", "cnn-2k", "transformer-2k")],
+    "diagonal": [("mlp-8k", ("float32",)), ("cnn-2k", ("float32",))],
+    "per-sample": [("mlp-500", ("float32", "float64")), ("mlp-2k", ("float32",))],
+}
+#: What `--large` adds: the bigger conv net and transformer, where every peer takes minutes.
+LARGE_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "hessian": [("transformer-2k", ("float64",)), ("cnn-5k", ("float32",)), ("transformer-9k", ("float32",))],
+    "hvp": [(p, ("float32",)) for p in ("cnn-5k", "transformer-9k")],
+    "diagonal": [("cnn-5k", ("float32",))],
 }
 QUICK_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "hessian": [("mlp-2k", ("float32", "float64")), ("transformer-tiny", ("float32",))],
@@ -348,6 +353,7 @@ class Settings:
     quick: bool
     progress: bool
     out: Path
+    large: bool = False
 
 
 def plan(settings: Settings) -> list[tuple[str, str, str]]:
@@ -358,7 +364,7 @@ def plan(settings: Settings) -> list[tuple[str, str, str]]:
         entries = (
             [(p, settings.dtypes) for p in settings.problems]
             if settings.problems is not None
-            else table.get(section, [])
+            else table.get(section, []) + (LARGE_PLAN.get(section, []) if settings.large else [])
         )
         for name, dtypes in entries:
             for dt in dtypes:
@@ -429,7 +435,7 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
         else:
             job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
                       min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
-                      row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 60.0,
+                      row_budget=settings.row_budget, flop_budget=5.0 if settings.quick else 20.0,
                       threads=settings.threads)
             res = run_job(ctx, job, limit)
             res.n, res.estimate = res.n or info.n, estimate
@@ -481,6 +487,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_memory=args.max_memory * 2**30 if args.max_memory is not None else 0.6 * free,
         threads=args.threads,
         quick=args.quick,
+        large=args.large,
         progress=not args.no_progress,
         out=args.out,
     )

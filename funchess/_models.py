@@ -258,6 +258,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "mlp-20k": lambda: mlp((60, 120, 96, 10), batch=128, name="mlp-20k"),
     "mlp-50k": lambda: mlp((100, 180, 160, 10), batch=128, name="mlp-50k"),
     "cnn-tiny": lambda: cnn((1, 2, 2), size=8, classes=2, batch=8, name="cnn-tiny"),
+    "cnn-2k": lambda: cnn((3, 6, 8), size=12, classes=10, batch=64, name="cnn-2k"),
     "cnn-5k": lambda: cnn((3, 8, 16), size=14, classes=10, batch=64, name="cnn-5k"),
     "transformer-tiny": lambda: transformer(4, 2, 8, seq=3, classes=2, batch=8, name="transformer-tiny"),
     "transformer-2k": lambda: transformer(16, 2, 32, seq=8, classes=10, batch=64, name="transformer-2k"),

@@ -84,7 +84,7 @@ def test_peak_memory_sees_an_allocation() -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(quick=True, device="cpu", dtype=None, problems=None, sections=None, methods=None, min_time=None,
-                time_limit=None, max_memory=None, threads=None, out=Path("unused"), no_progress=True)
+                time_limit=None, max_memory=None, threads=None, out=Path("unused"), no_progress=True, large=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -98,6 +98,9 @@ def test_plans_follow_the_options() -> None:
     full = settings_from(_args(quick=False, max_memory=2.0))
     assert isinstance(full, Settings) and full.max_memory == 2 * 2**30 and full.time_limit == 60
     assert {s for s, _, _ in plan(full)} == {"hessian", "hvp", "diagonal", "per-sample"}
+    assert not any(p in ("cnn-5k", "transformer-9k") for _, p, _ in plan(full))
+    large = plan(settings_from(_args(quick=False, large=True)))
+    assert set(plan(full)) < set(large) and ("hessian", "transformer-9k", "float32") in large
 
 
 @given(st.lists(st.floats(0, 1000), min_size=1, max_size=20), st.floats(1, 30))
