@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one short call on a CUDA machine (e.g. the device tool's `run`):
-#   1. the CUDA cases of the test suite (the case table runs every case on cuda when present),
+#   1. the CUDA cases of the test suite (the case table runs every case on cuda when present;
+#      the memory planner against torch.cuda.max_memory_allocated),
 #   2. the quick benchmark on the GPU (`python -m funchess bench --device cuda --quick`),
 #   3. the demo on the GPU.
 # Each step has its own timeout; the whole script stays under ~5 minutes, so a 15-minute device
@@ -27,7 +28,7 @@ print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "
 
 status=0
 echo "== 1/3 CUDA tests"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider -k "cuda" tests/test_cases.py 2>&1 | tee "$out/tests.txt" \
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider -k "cuda" tests/test_cases.py tests/test_memory.py 2>&1 | tee "$out/tests.txt" \
     || status=1
 echo "== 2/3 python -m funchess bench --device cuda --quick"
 timeout 170 python3 -m funchess bench --device cuda --quick --no-progress --time-limit 20 --out "$out/bench" 2>&1 \

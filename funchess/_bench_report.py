@@ -169,6 +169,7 @@ def plot(results: Sequence[Result], infos: dict[str, ProblemInfo], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     dtypes = sorted({r.dtype for r in rows}, key=list(_DTYPES).index)
     names = [m.name for m in METHODS if m.section == "hessian" and any(r.method == m.name for r in rows)]
@@ -189,6 +190,8 @@ def plot(results: Sequence[Result], infos: dict[str, ProblemInfo], path: Path) -
                 ax.plot(infos[r.problem].n, r.time, marker, color=colours[name], mfc=face, ms=7, mew=1.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # minor labels (2x10^3, 3x10^3, ...) collide: keep decades
+            axis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("parameters N")
         ax.set_ylabel("time for the full Hessian (s)")
         ax.set_title(f"full Hessian, {dt}")

@@ -630,7 +630,8 @@ def _double_backward(
     f: Callable[..., Any], call: str, has_aux: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
 ) -> tuple[tuple[Any, ...], Any]:
     """"rev-rev" by plain autograd: one gradient with `create_graph=True`, then one backward of
-    `<gradient, tangent>`. Same arithmetic as `vjp(grad(f))`, without torch.func's wrappers."""
+    the gradient with the tangent as its cotangent. Same arithmetic as `vjp(grad(f))`, without
+    torch.func's wrappers."""
     leaves, spec = tree_flatten(primals)
     xs = [t.detach().requires_grad_(True) for t in leaves]
     vs = tree_flatten(tangents)[0]
@@ -638,10 +639,10 @@ def _double_backward(
         out = _scalar_fn(f, call, has_aux)(*tree_unflatten(spec, xs))
         value, aux = out if has_aux else (out, None)
         grads = torch.autograd.grad(value, xs, create_graph=True, allow_unused=True)
-        terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-        dot = torch.stack(terms).sum() if terms else None
+        live = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         hv: Sequence[Tensor | None] = (
-            torch.autograd.grad(dot, xs, allow_unused=True) if dot is not None else [None] * len(xs)
+            torch.autograd.grad([g for g, _ in live], xs, grad_outputs=[v for _, v in live], allow_unused=True)
+            if live else [None] * len(xs)
         )
     result = [torch.zeros_like(x) if h is None else h for x, h in zip(xs, hv)]
     aux = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)

@@ -6,6 +6,7 @@ through /proc/self/clear_refs) because tracemalloc does not see torch's allocati
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -152,3 +153,41 @@ def test_explicit_chunk_size_is_used_and_results_agree() -> None:
     assert funchess.plan_hessian(f, chunk_size=7)(p).chunk_size == 7
     torch.testing.assert_close(funchess.hessian(f, chunk_size=7)(p), funchess.hessian(f, chunk_size="auto")(p))
     torch.testing.assert_close(funchess.hessian(f, chunk_size=None)(p), funchess.hessian(f, max_memory="50MB")(p))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("kind, batch, budget", [("mlp", 512, "300MiB"), ("conv", 64, "650MiB"), ("mlp", 128, None)])
+def test_cuda_peak_within_budget_and_near_estimate(kind: str, batch: int, budget: str | None) -> None:
+    """On CUDA the allocator's own high-water mark is the measure (torch.cuda.max_memory_allocated)."""
+    import torch.nn.functional as F
+
+    from funchess.testing import assert_hessian_close
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(50, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+        x = torch.randn(batch, 50)
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Conv2d(8, 8, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 10))
+        x = torch.randn(batch, 3, 16, 16)
+    y = torch.randint(0, 10, (batch,))
+    f_cpu, p_cpu = funchess.functional(copy.deepcopy(model), F.cross_entropy)
+    f, p = funchess.functional(model.to(dev), F.cross_entropy)
+    x_cpu, y_cpu, x, y = x, y, x.to(dev), y.to(dev)
+    kw = {} if budget is None else {"max_memory": budget}
+    funchess.hessian(lambda w: (w**3).sum())(torch.randn(3, device=dev))  # load kernels first
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    plan = funchess.plan_hessian(f, **kw)(p, x, y)
+    H = funchess.hessian(f, **kw)(p, x, y)
+    torch.cuda.synchronize(dev)
+    measured = torch.cuda.max_memory_allocated(dev) - base
+    assert measured <= plan.budget_bytes, (measured, plan)
+    assert plan.peak_bytes / 1.75 <= measured <= 1.5 * plan.peak_bytes, (measured, plan)
+    if budget is not None:
+        assert plan.chunk_size < 256, plan  # the budget really constrained the chunk
+    on_cpu = {a: {b: t.cpu() for b, t in row.items()} for a, row in H.items()}
+    assert_hessian_close(on_cpu, funchess.hessian(f_cpu)(p_cpu, x_cpu, y_cpu), rtol=1e-3, atol=1e-5)
