@@ -30,6 +30,7 @@ from ._per_sample import (
     check_per_sample,
     check_randomness,
     fmt_call,
+    per_sample_data,
     per_sample_gradients,
     random_error,
     random_errors,
@@ -386,10 +387,7 @@ def empirical_fisher(
 
     @functools.wraps(f)
     def empirical_fisher_fn(params: PyTree, *data: Any) -> PyTree:
-        here = f"{call}(params, ...)"
-        _check_primals(here, (params,), ["params"])
-        check_per_sample(here, f)
-        samples = Samples(here, data)
+        here, samples = per_sample_data(call, f, params, data)
         N = sum(_numels(params))
         G_fn = per_sample_gradients(samples.loss(f), here, randomness)
         chunk = chunk_size or max(1, min(samples.size, _PASS_BUDGET // max(N, 1)))

@@ -355,6 +355,32 @@ def _budget(call: str, max_memory: int | float | str | None) -> tuple[int | None
     return parse_bytes(call, max_memory), f"max_memory={max_memory!r}"
 
 
+@dataclass
+class _BlockOptions:
+    """The checked options of a block-engine call (`hessian`, `hessian_diagonal`)."""
+
+    call: str
+    chunk: int | None
+    budget: int | None
+    budget_from: str
+    state: dict[str, str | None]
+
+    @classmethod
+    def checked(
+        cls, name: str, f: Callable[..., Any], argnums: int | tuple[int, ...], mode: str, chunk_size: ChunkSize,
+        blocks: Any, max_memory: int | float | str | None,
+    ) -> _BlockOptions:
+        opts = {"argnums": argnums or None, "mode": None if mode == "auto" else mode,
+                "chunk_size": None if chunk_size == "auto" else chunk_size, "blocks": blocks,
+                "max_memory": max_memory}
+        call = _fmt_call(name, f, opts)
+        _check_callable(call, f)
+        _check_mode(call, mode)
+        chunk = _check_chunk(call, chunk_size)
+        budget, budget_from = _budget(call, max_memory)
+        return cls(call, chunk, budget, budget_from, {"mode": None if mode == "auto" else mode})
+
+
 def _blocks_runner(
     prep: _Prepared, request: set[tuple[int, int]], make_sink: Callable[[], Any], finish: Callable[[Any], Any], has_aux: bool, chunk: int
 ) -> dict[str, Callable[[], Any]]:
@@ -443,30 +469,22 @@ def hessian(
         >>> list(funchess.hessian(f, blocks="diagonal")(params)["b"])
         ['b']
     """
-    opts = {"argnums": argnums or None, "mode": None if mode == "auto" else mode,
-            "chunk_size": None if chunk_size == "auto" else chunk_size, "blocks": blocks,
-            "max_memory": max_memory}
-    call = _fmt_call("hessian", f, opts)
-    _check_callable(call, f)
-    _check_mode(call, mode)
-    chunk = _check_chunk(call, chunk_size)
-    budget, budget_from = _budget(call, max_memory)
-    state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+    o = _BlockOptions.checked("hessian", f, argnums, mode, chunk_size, blocks, max_memory)
 
     @functools.wraps(f)
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
-        prep = _prepare(f"{call}(...)", f, argnums, has_aux, args, kwargs)
+        prep = _prepare(f"{o.call}(...)", f, argnums, has_aux, args, kwargs)
         lay = prep.layout
         request, wanted = resolve_blocks(prep.call, blocks, lay.names)
         entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
         what = f"the Hessian of {lay.N:,} parameters" if wanted is None else f"{len(request)} Hessian block(s)"
         with safe_ops():
-            plan = _plan(prep, request, entries, chunk, budget, budget_from, what)
+            plan = _plan(prep, request, entries, o.chunk, o.budget, o.budget_from, what)
         if wanted is None:
             runners = _blocks_runner(prep, request, lambda: DenseSink(lay), lambda sink: sink.finish(), has_aux, plan.chunk_size)
         else:
             runners = _blocks_runner(prep, request, lambda: SelectedSink(lay), lambda sink: sink.finish(wanted), has_aux, plan.chunk_size)
-        H, aux = _run(prep.call, state, runners)
+        H, aux = _run(prep.call, o.state, runners)
         return (H, aux) if has_aux else H
 
     return hessian_fn
@@ -506,28 +524,20 @@ def hessian_diagonal(
         >>> funchess.hessian_diagonal(f)(p)
         {'w': tensor([ 6., 12.]), 'b': tensor([0., 0.])}
     """
-    opts = {"argnums": argnums or None, "mode": None if mode == "auto" else mode,
-            "chunk_size": None if chunk_size == "auto" else chunk_size, "blocks": blocks,
-            "max_memory": max_memory}
-    call = _fmt_call("hessian_diagonal", f, opts)
-    _check_callable(call, f)
-    _check_mode(call, mode)
-    chunk = _check_chunk(call, chunk_size)
-    budget, budget_from = _budget(call, max_memory)
-    state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+    o = _BlockOptions.checked("hessian_diagonal", f, argnums, mode, chunk_size, blocks, max_memory)
 
     @functools.wraps(f)
     def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
-        prep = _prepare(f"{call}(...)", f, argnums, has_aux, args, kwargs)
+        prep = _prepare(f"{o.call}(...)", f, argnums, has_aux, args, kwargs)
         lay = prep.layout
         chosen = resolve_leaves(prep.call, blocks, lay.names)
         request = {(x, x) for x in chosen}
         with safe_ops():
-            plan = _plan(prep, request, sum(lay.sizes[x] for x in chosen), chunk, budget, budget_from, "the Hessian diagonal")
+            plan = _plan(prep, request, sum(lay.sizes[x] for x in chosen), o.chunk, o.budget, o.budget_from, "the Hessian diagonal")
         runners = _blocks_runner(
             prep, request, lambda: DiagonalSink(lay), lambda sink: sink.finish(chosen, as_tree=blocks is None), has_aux, plan.chunk_size
         )
-        diag, aux = _run(prep.call, state, runners)
+        diag, aux = _run(prep.call, o.state, runners)
         return (diag, aux) if has_aux else diag
 
     return diagonal_fn

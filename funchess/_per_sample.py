@@ -176,6 +176,14 @@ class Samples:
         return lambda params, *tensors: f(params, *self.one(tensors))
 
 
+def per_sample_data(call: str, f: Any, params: PyTree, data: tuple[Any, ...]) -> tuple[str, Samples]:
+    """Check a per-sample call's params and model, split its data: `(call with args, samples)`."""
+    here = f"{call}(params, ...)"
+    _check_primals(here, (params,), ["params"])
+    check_per_sample(here, f)
+    return here, Samples(here, data)
+
+
 class Replay:
     """Restores the random number generators before each pass over the same samples."""
 
@@ -356,10 +364,7 @@ def per_sample_hessian(
 
     @functools.wraps(f)
     def per_sample_hessian_fn(params: PyTree, *data: Any) -> PyTree:
-        here = f"{call}(params, ...)"
-        _check_primals(here, (params,), ["params"])
-        check_per_sample(here, f)
-        samples = Samples(here, data)
+        here, samples = per_sample_data(call, f, params, data)
         leaves, spec = tree_flatten(params)
         shapes, dtypes = [p.shape for p in leaves], [p.dtype for p in leaves]
         device, N, B = leaves[0].device, offsets(shapes)[-1], samples.size
@@ -502,10 +507,7 @@ def per_sample_grad(
 
     @functools.wraps(f)
     def per_sample_grad_fn(params: PyTree, *data: Any) -> PyTree:
-        here = f"{call}(params, ...)"
-        _check_primals(here, (params,), ["params"])
-        check_per_sample(here, f)
-        samples = Samples(here, data)
+        here, samples = per_sample_data(call, f, params, data)
         G = per_sample_gradients(samples.loss(f), here, randomness, chunk_size=chunk_size)
         return _run_per_sample(here, "rev-rev", {"rev-rev": lambda: G(params, *samples.tensors())})
 
