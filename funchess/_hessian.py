@@ -17,6 +17,7 @@ are replaced by equivalent compositions (see `funchess/_safe_ops.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from ._memory import (
     too_big,
 )
 from ._select import Blocks, resolve_blocks, resolve_leaves
-from ._tree import tree_flatten, tree_map, tree_unflatten
+from ._tree import blocks_of, tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["hessian", "hessian_diagonal", "plan_hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
 
@@ -355,6 +356,48 @@ def _budget(call: str, max_memory: int | float | str | None) -> tuple[int | None
     return parse_bytes(call, max_memory), f"max_memory={max_memory!r}"
 
 
+#: Up to this many parameters the full Hessian is one engine group over all rows, in one pass when
+#: memory allows: per-leaf groups save arithmetic (symmetry, pruned backward passes) but cost a
+#: forward, a backward and a vmap each. Measured on MLPs (benchmarks/RESULTS.md): 1.5-2x faster at
+#: N ~ 500 with a few samples, on par at 64 samples and N ~ 700, slower beyond ~1,000.
+_ONE_GROUP_MAX_N = 768
+
+
+def _one_group(lay: Layout) -> bool:
+    """Whether a full Hessian runs as one group (outside transforms: under `vmap` the per-leaf
+    passes are shared by the whole batch and measured faster)."""
+    leaves = lay.leaves
+    same = all(t.dtype == leaves[0].dtype and t.device == leaves[0].device for t in leaves)
+    return len(leaves) > 1 and lay.N <= _ONE_GROUP_MAX_N and same and not inside_transform()
+
+
+def _flattened(prep: _Prepared) -> _Prepared:
+    """The same call as a function of one flat vector of all differentiated leaves."""
+    lay = prep.layout
+    flat = torch.cat([leaf.reshape(-1) for leaf in lay.leaves])
+
+    def h(v: Tensor) -> Any:
+        return prep.h(*lay.rebuild([v[a:b].reshape(shape) for a, b, shape in zip(lay.off, lay.off[1:], lay.shapes)]))
+
+    return _Prepared(prep.call, (flat,), Layout((flat,), single=True), h)
+
+
+def _upper_mirrored(M: Tensor) -> Tensor:
+    """The upper triangle and its transpose: exactly symmetric, like the per-leaf engine's mirrors."""
+    return torch.triu(M) + torch.triu(M, 1).transpose(-1, -2)
+
+
+def _plan_flat(flat: _Prepared, entries: int, chunk: int | None, budget: int | None, budget_from: str, what: str) -> MemoryPlan:
+    """The one-group plan: all rows in one pass when that fits the budget."""
+    with safe_ops():
+        plan = _plan(flat, {(0, 0)}, entries, chunk, budget, budget_from, what)
+    n = flat.layout.N
+    if chunk is None and plan.chunk_size < n:
+        whole = dataclasses.replace(plan, chunk_size=n, peak_bytes=plan.output_bytes + plan.graph_bytes + n * plan.row_bytes)
+        plan = whole if whole.fits else plan
+    return plan
+
+
 @dataclass
 class _BlockOptions:
     """The checked options of a block-engine call (`hessian`, `hessian_diagonal`)."""
@@ -415,7 +458,9 @@ def hessian(
     Symmetry: each pair of blocks is computed once; `H[b][a]` is a copy of `H[a][b]`'s transpose
     (inside the one matrix). In reverse mode the rows of block `a` are differentiated only with
     respect to the parameters after `a`, so for a tangent in a later layer the second backward pass
-    never goes below that layer.
+    never goes below that layer. Small full Hessians (at most 768 parameters, outside transforms)
+    skip the per-block passes: all rows go through one pass of the flattened parameters, whose
+    upper triangle is mirrored (measured 1.5-2x faster there; the block engine wins beyond ~1,000).
 
     Composition: "rev-rev" is `vjp` of the gradient of each block, `vmap`ped over chunks of basis
     rows (`jacrev(grad(f))`, block by block); "fwd-rev" is `vmap` of `jvp` through the gradient
@@ -478,6 +523,15 @@ def hessian(
         request, wanted = resolve_blocks(prep.call, blocks, lay.names)
         entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
         what = f"the Hessian of {lay.N:,} parameters" if wanted is None else f"{len(request)} Hessian block(s)"
+        if wanted is None and _one_group(lay):  # small: one pass over all rows beats a pass per leaf
+            flat = _flattened(prep)
+            plan = _plan_flat(flat, entries, o.chunk, o.budget, o.budget_from, what)
+            outer = (lay.shapes, lay.spec)
+            runners = _blocks_runner(
+                flat, {(0, 0)}, lambda: DenseSink(flat.layout), lambda sink: blocks_of(_upper_mirrored(sink.finish()), outer, outer), has_aux, plan.chunk_size
+            )
+            H, aux = _run(prep.call, o.state, runners)
+            return (H, aux) if has_aux else H
         with safe_ops():
             plan = _plan(prep, request, entries, o.chunk, o.budget, o.budget_from, what)
         if wanted is None:
@@ -574,18 +628,21 @@ def plan_hessian(
     def plan_fn(*args: Any, **kwargs: Any) -> MemoryPlan:
         prep = _prepare(f"{call}(...)", f, argnums, False, args, kwargs)
         lay = prep.layout
+        wanted = None
         if diagonal:
             request = {(x, x) for x in range(len(lay.leaves))}
             entries = lay.N
         else:
             request, wanted = resolve_blocks(prep.call, blocks, lay.names)
             entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
-        with safe_ops():
-            try:
+        try:
+            if not diagonal and wanted is None and _one_group(lay):  # what hessian runs for small N
+                return _plan_flat(_flattened(prep), entries, chunk, budget, "", "")
+            with safe_ops():
                 return _plan(prep, request, entries, chunk, budget, "", "")
-            except MemoryBudgetError as exc:
-                assert isinstance(exc.plan, MemoryPlan)
-                return exc.plan
+        except MemoryBudgetError as exc:
+            assert isinstance(exc.plan, MemoryPlan)
+            return exc.plan
 
     return plan_fn
 

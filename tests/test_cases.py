@@ -16,13 +16,22 @@ def _setup(case: Case):  # type: ignore[no-untyped-def]
     return f, params
 
 
+@pytest.fixture(params=["planned", "per-leaf"])
+def grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Small Hessians run as one group over all rows ("planned"); "per-leaf" forces the symmetric
+    per-leaf block engine that larger ones use, so both paths meet every case."""
+    if request.param == "per-leaf":
+        monkeypatch.setattr(funchess._hessian, "_ONE_GROUP_MAX_N", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("mode", ["auto", "rev-rev", "fwd-rev"])
-def test_hessian_matches_reference(case: Case, mode: str, snapshot) -> None:  # type: ignore[no-untyped-def]
+def test_hessian_matches_reference(case: Case, mode: str, grouping: str, snapshot) -> None:  # type: ignore[no-untyped-def]
     snap = snapshot(case.model)
     f, params = _setup(case)
     expected = reference_hessian(f, params, case.inputs, case.targets)
     actual = funchess.hessian(f, mode=mode)(params, case.inputs, case.targets)
-    assert_hessian_close(actual, expected, msg=f"{case.name} {mode}")
+    assert_hessian_close(actual, expected, msg=f"{case.name} {mode} {grouping}")
     for a in params:
         for b in params:
             assert actual[a][b].shape == params[a].shape + params[b].shape
@@ -30,7 +39,7 @@ def test_hessian_matches_reference(case: Case, mode: str, snapshot) -> None:  # 
 
 
 @pytest.mark.parametrize("chunk_size", [3, 10_000])
-def test_chunked_hessian_matches_reference(case64: Case, chunk_size: int) -> None:
+def test_chunked_hessian_matches_reference(case64: Case, chunk_size: int, grouping: str) -> None:
     f, params = _setup(case64)
     expected = reference_hessian(f, params, case64.inputs, case64.targets)
     actual = funchess.hessian(f, chunk_size=chunk_size)(params, case64.inputs, case64.targets)
