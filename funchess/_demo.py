@@ -25,6 +25,9 @@ from ._operator import HessianOperator
 from ._spectral import EigenResult, SpectralDensity, TraceEstimate, eigsh, hutchpp_trace, spectral_density
 from ._tree import offsets, to_matrix
 
+#: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture).
+NEAR_ZERO = 1e-7
+
 __all__ = [
     "DemoOptions", "run", "train", "hessian_spectrum", "Spectrum", "matrix_free", "MatrixFree", "block_table",
     "plot_hessian", "plot_spectrum",
@@ -299,15 +302,15 @@ def plot_spectrum(spectrum: Spectrum, path: Path, title: str, slq: SpectralDensi
     """Sorted eigenvalues and a histogram of their density, both on a symmetric log scale, and
     (with `slq`) the matrix-free SLQ density against the exact eigenvalues on a linear axis.
 
-    Eigenvalues with `|λ| < 1e-7 max |λ|` (numerically zero at this precision) are drawn grey and
-    share one bin."""
+    Eigenvalues with `|λ| < NEAR_ZERO max |λ|` (numerically zero; the printed summary counts the
+    same band) are drawn grey and share one bin."""
     plt = _pyplot()
     import numpy as np
     from matplotlib.patches import Patch
 
     ev = spectrum.eigenvalues.numpy()
     top = float(np.abs(ev).max()) or 1.0
-    lin = top * 1e-7
+    lin = top * NEAR_ZERO
     red, blue, grey = "#d62728", "#1f77b4", "#9a9a9a"
 
     def colour(v: float) -> str:
@@ -437,8 +440,9 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         + [["total", "", f"{N:,}", "", f"{float(M.double().norm()):.4e}", f"{trace:.4e}"]],
         [False, False, True, True, True, True],
     ))
-    neg = int((spectrum.eigenvalues < 0).sum())
-    near_zero = int((spectrum.eigenvalues.abs() < 1e-10 * spectrum.eigenvalues.abs().max()).sum())
+    tol = NEAR_ZERO * float(spectrum.eigenvalues.abs().max())  # the picture's grey band too
+    neg = int((spectrum.eigenvalues <= -tol).sum())
+    near_zero = int((spectrum.eigenvalues.abs() < tol).sum())
     print_fn("\nHessian of the training loss")
     summary_rows = [
         ("loss", f"{losses[-1]:.8g}"),
@@ -447,8 +451,8 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         ("largest eigenvalue", f"{spectrum.largest:.8g}"),
         ("smallest eigenvalue", f"{spectrum.smallest:.8g}"),
         ("condition number", f"{spectrum.condition:.4g}   (max |λ| / min |λ|)"),
-        ("near-zero eigenvalues", f"{near_zero} with |λ| < 1e-10 max |λ|"),
-        ("negative eigenvalues", f"{neg} of {N}"),
+        ("near-zero eigenvalues", f"{near_zero} with |λ| < {NEAR_ZERO:.0e} max |λ|"),
+        ("negative eigenvalues", f"{neg} of {N} (below the near-zero band)"),
         ("symmetry", f"max |H - Hᵀ| / max |H| = {symmetry:.1e}"),
         ("eigenvalues from", spectrum.method),
     ]
