@@ -13,8 +13,8 @@ blocks, a selection otherwise). Each pair is computed once, as rows of `H[x][y]`
   are the rows of `H[x][y]`.
 
 Sinks receive the rows: `DenseSink` writes the full Hessian into one preallocated `(N, N)` matrix
-and copies each computed block's transpose into its mirror (in cache-sized tiles); `SelectedSink` keeps chosen blocks;
-`DiagonalSink` keeps only diagonal entries (O(N) memory). Inside torch.func transforms nothing is
+and copies each computed block's transpose into its mirror (in cache-sized tiles); `SelectedSink`
+keeps chosen blocks; `DiagonalSink` keeps only diagonal entries (O(N) memory). Inside torch.func transforms nothing is
 written in place: pieces are concatenated instead.
 """
 

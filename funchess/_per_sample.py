@@ -272,19 +272,6 @@ class _Out:
         for k, t in enumerate(leaves):  # one contiguous-run copy per leaf, no concatenation
             self.out[b0:b1, s:e, self.off[k] : self.off[k + 1]].copy_(t.reshape(c, b, -1).transpose(0, 1))
 
-    def put_blocks(self, b0: int, b1: int, blocks: Sequence[Sequence[Tensor]]) -> None:
-        """`blocks[i][j]` is `(b1 - b0, *p_i.shape, *p_j.shape)`: all of samples `b0:b1`."""
-        b, off = b1 - b0, self.off
-        mats = [[t.reshape(b, off[i + 1] - off[i], -1) for t in row] for i, row in enumerate(blocks)]
-        if self.functional:
-            self.pieces.append([torch.cat([torch.cat(row, 2) for row in mats], 1)])
-            return
-        if self.out is None:
-            self.out = mats[0][0].new_empty(self.B, self.N, self.N)
-        for i, row in enumerate(mats):
-            for j, m in enumerate(row):
-                self.out[b0:b1, off[i] : off[i + 1], off[j] : off[j + 1]].copy_(m)
-
     def result(self) -> Tensor:
         if self.out is not None:
             return self.out
@@ -312,8 +299,8 @@ def per_sample_hessian(
     Composition: for a deterministic `f` (`randomness="error"`), `funchess.hessian`'s symmetric
     block engine in `mode` ("rev-rev" or "fwd-rev") with the samples as one more `vmap` dimension:
     each pair of blocks is computed once, written straight into the result and mirrored, and the
-    second backward pass stops at the tangent's layer. With random operations, "fwd-rev" is `vmap` over chunks of basis directions of `jvp` of
-    the per-sample gradient `vmap(grad(loss_i))`, and "rev-rev" is `vmap` over chunks of basis rows
+    second backward pass stops at the tangent's layer. With random operations, "fwd-rev" is `vmap`
+    over chunks of basis directions of `jvp` of the per-sample gradient `vmap(grad(loss_i))`, and "rev-rev" is `vmap` over chunks of basis rows
     of the `vjp` of the per-sample gradient at parameters broadcast to one copy per sample; every
     pass replays the forward's random numbers. "auto" (default) falls back to the other mode when
     an operator lacks a rule. The result is `B` times the size of one Hessian and filling it
@@ -427,16 +414,17 @@ def per_sample_hessian(
                     return vmapped_engine(m)
                 off, k = layout.off, len(shapes)
                 request = {(i, j) for i in range(k) for j in range(i, k)}
+                grouped = groups(request, forward)
                 out: Tensor = leaves[0].new_empty(B, N, N)
                 for b0, b1 in _chunks(B, b_chunk):
-                    for x, Y in groups(request, forward):
+                    for x, Y in grouped:
                         for s, e in _chunks(layout.sizes[x], rows):
                             basis = _engine_basis(s, e, shapes[x], leaves[x])
                             pieces = vmap(functools.partial(sample_rows, x, Y, basis))(*samples.tensors(b0, b1))
                             for y, piece in zip(Y, pieces):
                                 out[b0:b1, off[x] + s : off[x] + e, off[y] : off[y + 1]].copy_(piece.reshape(b1 - b0, e - s, -1))
                             del pieces
-                computed = [(x, y) for x, Y in groups(request, forward) for y in Y if x != y]
+                computed = [(x, y) for x, Y in grouped for y in Y if x != y]
                 for x, y in computed:  # per sample the blocks are small: one batched copy each
                     out[:, off[y] : off[y + 1], off[x] : off[x + 1]].copy_(out[:, off[x] : off[x + 1], off[y] : off[y + 1]].transpose(1, 2))
                 return out
@@ -444,15 +432,15 @@ def per_sample_hessian(
             return run
 
         def vmapped_engine(m: str) -> Tensor:
+            """Inside an outer transform: `vmap(hessian)` over sample chunks, blocks concatenated."""
             one = hessian(ell, mode=m, chunk_size=rows)  # type: ignore[arg-type]
             batched = vmap(one, in_dims=(None, *[0] * len(samples.index)))
-            out, k = _Out(B, N, offsets(shapes)), len(shapes)
+            off, k, chunks = offsets(shapes), len(shapes), []
             for b0, b1 in _chunks(B, b_chunk):
-                H = batched(params, *samples.tensors(b0, b1))
-                flat = tree_flatten(H)[0]  # row-major over (a, b) block pairs
-                out.put_blocks(b0, b1, [flat[i * k : (i + 1) * k] for i in range(k)])
-                del H, flat
-            return out.result()
+                flat = tree_flatten(batched(params, *samples.tensors(b0, b1)))[0]  # row-major over (a, b)
+                block_rows = [torch.cat([t.reshape(b1 - b0, off[i + 1] - off[i], -1) for t in flat[i * k : (i + 1) * k]], 2) for i in range(k)]
+                chunks.append(torch.cat(block_rows, 1))
+            return torch.cat(chunks, 0)
 
         if randomness == "error":  # deterministic: no masks to replay between passes
             M = _run_per_sample(here, mode, {m: engine(m) for m in _ENGINE_ORDER}, order=_ENGINE_ORDER)

@@ -8,7 +8,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from torch import nn
 
 import funchess
@@ -141,3 +141,19 @@ def test_blocks_and_diagonal_compose_with_vmap() -> None:
             n = params[a].numel()
             torch.testing.assert_close(per[a][i].reshape(-1), torch.diagonal(ref[a][a].reshape(n, n)), rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(blk[a][a][i], ref[a][a], rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(r0=st.integers(0, 300), rows=st.integers(1, 1200), gap=st.integers(0, 100), cols=st.integers(1, 1200))
+def test_tiled_mirror_equals_the_transpose(r0: int, rows: int, gap: int, cols: int) -> None:
+    """The dense sink's mirror copy spans several 512 x 512 tiles (and ragged edges) on large blocks,
+    which the case table's small models never reach."""
+    from funchess._engine import _mirror
+
+    c0 = r0 + rows + gap
+    n = c0 + cols
+    M = torch.randn(n, n, dtype=torch.float64)
+    expected = M.clone()
+    expected[c0:n, r0 : r0 + rows] = M[r0 : r0 + rows, c0:n].T
+    _mirror(M, r0, r0 + rows, c0, n)
+    assert torch.equal(M, expected)
