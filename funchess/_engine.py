@@ -11,6 +11,9 @@ blocks, a selection otherwise). Each pair is computed once, as rows of `H[x][y]`
 - forward mode ("fwd-rev") groups pairs by their *later* leaf `x` and `vmap`s a `jvp` in the
   directions of `x` through the gradient with respect to `Y`; by symmetry the columns it yields
   are the rows of `H[x][y]`.
+- a *joint* group (the full Hessian of a small model, chosen by the planner) has all `N`
+  parameters as rows: one forward and backward, then passes of whole rows, of which the sink keeps
+  the blocks `H[x][y >= x]` and mirrors the rest.
 
 Sinks receive the rows: `DenseSink` writes the full Hessian into one preallocated `(N, N)` matrix
 and copies each computed block's transpose into its mirror (in cache-sized tiles); `SelectedSink`
@@ -20,6 +23,7 @@ written in place: pieces are concatenated instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,6 +50,7 @@ class Layout:
         self.off = offsets(self.shapes)
         self.N = self.off[-1]
         self.names = [".".join(str(k) for k in path) for path in self.spec.paths()]
+        self.dtype = functools.reduce(torch.promote_types, [leaf.dtype for leaf in self.leaves])  # of the one matrix
 
     def rebuild(self, leaves: Sequence[Tensor]) -> tuple[Any, ...]:
         tree = tree_unflatten(self.spec, leaves)
@@ -87,30 +92,56 @@ def run(
     forward: bool,
     has_aux: bool,
     chunk_for: Callable[[int, int], int],
+    joint: bool = False,
 ) -> Any:
     """Compute every pair of `request` into `sink`; returns the aux of the first group (or None).
 
     `h(*primals)` returns the scalar (or `(scalar, aux)`); `chunk_for(rows, width)` gives the rows
-    per vectorised pass for a group whose rows have `width` entries.
+    per vectorised pass for a group whose rows have `width` entries. `joint=True` (the full
+    Hessian of a small model) runs one group whose rows are all `N` parameters: one forward and
+    backward, then passes of whole Hessian rows, of which the sink keeps the upper blocks.
     """
     fixed = layout.leaves
+    if joint:
+        everything = list(range(len(fixed)))
+        group = _forward_group if forward else _reverse_group
+        rows_of, aux = group(h, layout, fixed, everything, everything, has_aux)
+        for s, e in _chunks(layout.N, max(1, chunk_for(layout.N, layout.N))):
+            outs = rows_of(_joint_basis(s, e, layout))
+            for x in everything:  # the rows of leaf x in this pass, its blocks H[x][y >= x]
+                lo, hi = max(s, layout.off[x]), min(e, layout.off[x + 1])
+                for y in everything[x:] if lo < hi else ():
+                    sink.put(x, y, lo - layout.off[x], hi - layout.off[x], outs[y][lo - s : hi - s].reshape(hi - lo, -1))
+            del outs
+        return aux
     aux_out: Any = None
     first = True
     for x, Y in groups(request, forward):
         width = sum(layout.sizes[y] for y in Y)
         chunk = max(1, chunk_for(layout.sizes[x], width))
-        if forward:
-            rows_of, aux = _forward_group(h, layout, fixed, x, Y, has_aux)
-        else:
-            rows_of, aux = _reverse_group(h, layout, fixed, x, Y, has_aux)
+        group = _forward_group if forward else _reverse_group
+        rows_of, aux = group(h, layout, fixed, [x], Y, has_aux)
         if first:
             aux_out, first = aux, False
         for s, e in _chunks(layout.sizes[x], chunk):
-            outs = rows_of(_basis(s, e, layout.shapes[x], fixed[x]))
+            outs = rows_of([_basis(s, e, layout.shapes[x], fixed[x])])
             for y, out in zip(Y, outs):
                 sink.put(x, y, s, e, out.reshape(e - s, -1))
             del outs
     return aux_out
+
+
+def _joint_basis(s: int, e: int, layout: Layout) -> list[Tensor]:
+    """Basis vectors `s..e-1` of all `N` parameters, split by leaf: `(e - s, *shape)` each."""
+    out = []
+    for leaf, a in zip(layout.leaves, layout.off):
+        flat = torch.zeros(e - s, leaf.numel(), dtype=leaf.dtype, device=leaf.device)
+        lo, hi = max(s, a), min(e, a + leaf.numel())
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=leaf.device)
+            flat[idx - s, idx - a] = 1
+        out.append(flat.reshape(e - s, *leaf.shape))
+    return out
 
 
 def _place(fixed: Sequence[Tensor], D: Sequence[int], values: Sequence[Tensor]) -> list[Tensor]:
@@ -121,56 +152,55 @@ def _place(fixed: Sequence[Tensor], D: Sequence[int], values: Sequence[Tensor]) 
 
 
 def _reverse_group(
-    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], x: int, D: list[int], has_aux: bool
-) -> tuple[Callable[[Tensor], Sequence[Tensor]], Any]:
-    def grad_x(*d: Tensor) -> Any:
-        def inner(lx: Tensor) -> Any:
-            leaves = _place(fixed, D, d)
-            leaves[x] = lx
-            return h(*layout.rebuild(leaves))
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool
+) -> tuple[Callable[[Sequence[Tensor]], Sequence[Tensor]], Any]:
+    """Rows of `H[X][D]`: the `vjp` (w.r.t. leaves `D`) of the gradient w.r.t. leaves `X`, `vmap`ped
+    over basis rows given as one Tensor per leaf of `X`."""
 
-        lx0 = d[D.index(x)] if x in D else fixed[x]
-        out = vjp(inner, lx0, has_aux=has_aux)
-        (gx,) = out[1](torch.ones_like(out[0]))
+    def grad_X(*d: Tensor) -> Any:
+        def inner(*lx: Tensor) -> Any:
+            return h(*layout.rebuild(_place(_place(fixed, D, d), X, lx)))
+
+        out = vjp(inner, *[d[D.index(x)] if x in D else fixed[x] for x in X], has_aux=has_aux)
+        gx = out[1](torch.ones_like(out[0]))
         return (gx, out[2]) if has_aux else gx
 
-    out = vjp(grad_x, *[fixed[i] for i in D], has_aux=has_aux)
-    pullback = vmap(out[1])
-    return pullback, (out[2] if has_aux else None)
+    out = vjp(grad_X, *[fixed[i] for i in D], has_aux=has_aux)
+    pullback = vmap(lambda *rows: out[1](rows))
+    return lambda basis: pullback(*basis), (out[2] if has_aux else None)
 
 
 def _forward_group(
-    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], x: int, D: list[int], has_aux: bool
-) -> tuple[Callable[[Tensor], Sequence[Tensor]], Any]:
-    def grads_D(lx: Tensor) -> Any:
-        def inner(*d: Tensor) -> Any:
-            leaves = _place(fixed, D, d)
-            if x not in D:
-                leaves[x] = lx
-            return h(*layout.rebuild(leaves))
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool
+) -> tuple[Callable[[Sequence[Tensor]], Sequence[Tensor]], Any]:
+    """Rows of `H[X][D]` (columns of `H[D][X]`, by symmetry): `vmap` of the `jvp` along basis
+    directions of leaves `X` through the gradient w.r.t. leaves `D`."""
 
-        out = vjp(inner, *[lx if i == x else fixed[i] for i in D], has_aux=has_aux)
+    def grads_D(*lx: Tensor) -> Any:
+        def inner(*d: Tensor) -> Any:
+            return h(*layout.rebuild(_place(_place(fixed, X, lx), D, d)))
+
+        out = vjp(inner, *[lx[X.index(i)] if i in X else fixed[i] for i in D], has_aux=has_aux)
         # the pullback under a size-one vmap: forward mode over some plain pullbacks crashes
         # ("ZeroTensors are immutable" in mse_loss_backward, pytorch#123996)
         grads = vmap(out[1])(torch.ones_like(out[0]).unsqueeze(0))
         grads = tuple(g[0] for g in grads)
         return (grads, out[2]) if has_aux else grads
 
-    def push(t: Tensor) -> Any:
+    primals = tuple(fixed[x] for x in X)
+
+    def push(*t: Tensor) -> Any:
         if has_aux:
-            _, tangent_out, aux = jvp(grads_D, (fixed[x],), (t,), has_aux=True)
+            _, tangent_out, aux = jvp(grads_D, primals, t, has_aux=True)
             return tangent_out, aux
-        return jvp(grads_D, (fixed[x],), (t,))[1]
+        return jvp(grads_D, primals, t)[1]
 
     out_dims: Any = (0, None) if has_aux else 0
     batched = vmap(push, out_dims=out_dims)
-    aux_box: list[Any] = [None]
 
-    def rows_of(basis: Tensor) -> Sequence[Tensor]:
-        result = batched(basis)
-        if has_aux:
-            result, aux_box[0] = result
-        return result  # type: ignore[no-any-return]
+    def rows_of(basis: Sequence[Tensor]) -> Sequence[Tensor]:
+        result = batched(*basis)
+        return result[0] if has_aux else result  # type: ignore[no-any-return]
 
     if has_aux:  # aux without a vectorised pass: one plain evaluation
         aux0 = h(*layout.rebuild(list(fixed)))[1]
@@ -219,7 +249,7 @@ class DenseSink(Sink):
             return
         off = self.layout.off
         if self.M is None:
-            self.M = piece.new_empty(self.layout.N, self.layout.N)
+            self.M = piece.new_empty(self.layout.N, self.layout.N, dtype=self.layout.dtype)
         self.M[off[x] + s : off[x] + e, off[y] : off[y + 1]].copy_(piece)
         self.computed.add((x, y))
 

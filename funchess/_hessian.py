@@ -36,14 +36,15 @@ from ._jacobian import check_chunk_size, default_chunk, jac_fwd, jac_rev, safe_o
 from ._memory import (
     _DEFAULT_FRACTION,
     MemoryPlan,
+    Probe,
     available_bytes,
     make_plan,
     parse_bytes,
-    saved_bytes,
+    probe,
     too_big,
 )
 from ._select import Blocks, resolve_blocks, resolve_leaves
-from ._tree import blocks_of, tree_flatten, tree_map, tree_unflatten
+from ._tree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["hessian", "hessian_diagonal", "plan_hessian", "hvp", "vhp", "jacrev", "jacfwd", "Mode"]
 
@@ -251,15 +252,16 @@ def _run(
     state: dict[str, str | None],
     runners: dict[str, Callable[[], Any]],
     fallback: tuple[str, ...] = _FALLBACK_ORDER,
+    safe: bool = True,
 ) -> Any:
     """Run the chosen mode, or under "auto" the first of `fallback` that works (remembered in
-    `state`)."""
+    `state`); with `safe`, under funchess's operator rerouting."""
     chosen = state["mode"]
     order = (chosen,) if chosen else fallback
     failures: list[str] = []
     for mode in order:
         try:
-            with safe_ops():
+            with safe_ops(safe):
                 result = runners[mode]()
         except (RuntimeError, NotImplementedError) as exc:
             if chosen is None and _missing_rule(exc) and mode != order[-1]:
@@ -323,28 +325,39 @@ def _plan(
     budget: int | None,
     budget_from: str,
     what: str,
+    *,
+    joint: bool = False,
+    cost: Probe | None = None,
 ) -> MemoryPlan:
-    """Plan a block computation; raise MemoryBudgetError before allocating if it cannot fit."""
+    """Plan a block computation; raise MemoryBudgetError before allocating if it cannot fit.
+
+    `cost`: the probe (None when `chunk_size` is given); `joint`: one group whose rows are all `N`
+    parameters (see `_planned`)."""
     lay = prep.layout
     itemsize = max(leaf.element_size() for leaf in lay.leaves)
     device = lay.leaves[0].device
-    grouped = groups(request, forward=False)
-    max_width = max(sum(lay.sizes[y] for y in Y) for _, Y in grouped)
-    max_rows = max(lay.sizes[x] for x, _ in grouped)
+    if joint:
+        max_width = max_rows = lay.N
+    else:
+        grouped = groups(request, forward=False)
+        max_width = max(sum(lay.sizes[y] for y in Y) for _, Y in grouped)
+        max_rows = max(lay.sizes[x] for x, _ in grouped)
     if inside_transform():  # no probing under vmap/grad: a bounded default
         chunk = chunk_size or default_chunk(max_rows, max_width)
         return MemoryPlan(output_entries * itemsize, 0, max_width * itemsize, chunk, 0, 2**62, str(device))
-    saved = saved_bytes(prep.h, prep.primals, lay.leaves, lay.rebuild) if chunk_size is None else 0
     plan = make_plan(
         output_bytes=output_entries * itemsize,
-        saved=saved,
+        saved=cost.saved_bytes if cost is not None else 0,
         max_width=max_width,
         max_rows=max_rows,
         itemsize=itemsize,
         chunk_size=chunk_size,
         budget=budget if budget is not None else int(_DEFAULT_FRACTION * available_bytes(device)),
         device=device,
+        joint=joint,
     )
+    if joint and chunk_size is None and plan.chunk_size < lay.N:  # the joint pass: all rows at once
+        plan = dataclasses.replace(plan, chunk_size=lay.N, peak_bytes=plan.output_bytes + plan.graph_bytes + lay.N * plan.row_bytes)
     if not plan.fits:
         raise too_big(prep.call, what, plan, budget_from)
     return plan
@@ -356,46 +369,56 @@ def _budget(call: str, max_memory: int | float | str | None) -> tuple[int | None
     return parse_bytes(call, max_memory), f"max_memory={max_memory!r}"
 
 
-#: Up to this many parameters the full Hessian is one engine group over all rows, in one pass when
-#: memory allows: per-leaf groups save arithmetic (symmetry, pruned backward passes) but cost a
-#: forward, a backward and a vmap each. Measured on MLPs (benchmarks/RESULTS.md): 1.5-2x faster at
-#: N ~ 500 with a few samples, on par at 64 samples and N ~ 700, slower beyond ~1,000.
-_ONE_GROUP_MAX_N = 768
+#: The full Hessian of a small model runs as one *joint* group: one forward and backward, then
+#: passes of whole rows over all `N` parameters (what `torch.func.hessian` does). The per-leaf
+#: engine does about half the arithmetic (symmetry, backward passes pruned below the tangent's
+#: layer) but pays a forward, a backward and a `vmap` per leaf. The joint pass costs about
+#: `N * (F + 2 N)` in FLOP units (`F` the forward's matrix-product FLOPs, convolutions counted
+#: twice: batched over directions they run slower), doubled in float64; it runs when that is at
+#: most `_JOINT_FLOPS_PER_LEAF` per leaf and all rows fit one pass. Calibrated on CPU on MLPs, conv
+#: nets and transformer blocks of 76-8,074 parameters with 1-64 samples: the joint pass measured
+#: 1.2-6.6x faster below the threshold, and up to 7x slower well above it (conv nets, large
+#: batches). See benchmarks/RESULTS.md.
+_JOINT_FLOPS_PER_LEAF = 2e7
+_JOINT_MAX_N = 8192
 
 
-def _one_group(lay: Layout) -> bool:
-    """Whether a full Hessian runs as one group (outside transforms: under `vmap` the per-leaf
-    passes are shared by the whole batch and measured faster)."""
-    leaves = lay.leaves
-    same = all(t.dtype == leaves[0].dtype and t.device == leaves[0].device for t in leaves)
-    return len(leaves) > 1 and lay.N <= _ONE_GROUP_MAX_N and same and not inside_transform()
+def _joint_cost(lay: Layout, cost: Probe) -> float:
+    """The joint pass's estimated cost in FLOP units (see `_JOINT_FLOPS_PER_LEAF`)."""
+    itemsize: int = max(leaf.element_size() for leaf in lay.leaves)
+    return float(lay.N * (cost.flops + cost.conv_flops + 2 * lay.N) * max(1, itemsize // 4))
 
 
-def _flattened(prep: _Prepared) -> _Prepared:
-    """The same call as a function of one flat vector of all differentiated leaves."""
+@dataclass
+class _Planned:
+    """How a block computation runs: its memory plan, whether as one joint group, and whether the
+    derivative passes need funchess's operator rerouting."""
+
+    plan: MemoryPlan
+    joint: bool
+    safe: bool
+
+
+def _planned(
+    prep: _Prepared, request: set[tuple[int, int]], entries: int, chunk: int | None, budget: int | None,
+    budget_from: str, what: str, *, full: bool = False,
+) -> _Planned:
+    """Probe `f` once (when the plan or the choice of grouping needs it) and plan the computation;
+    a `full` Hessian of a small model runs as one joint group (see `_JOINT_FLOPS_PER_LEAF`)."""
     lay = prep.layout
-    flat = torch.cat([leaf.reshape(-1) for leaf in lay.leaves])
-
-    def h(v: Tensor) -> Any:
-        return prep.h(*lay.rebuild([v[a:b].reshape(shape) for a, b, shape in zip(lay.off, lay.off[1:], lay.shapes)]))
-
-    return _Prepared(prep.call, (flat,), Layout((flat,), single=True), h)
-
-
-def _upper_mirrored(M: Tensor) -> Tensor:
-    """The upper triangle and its transpose: exactly symmetric, like the per-leaf engine's mirrors."""
-    return torch.triu(M) + torch.triu(M, 1).transpose(-1, -2)
-
-
-def _plan_flat(flat: _Prepared, entries: int, chunk: int | None, budget: int | None, budget_from: str, what: str) -> MemoryPlan:
-    """The one-group plan: all rows in one pass when that fits the budget."""
-    with safe_ops():
-        plan = _plan(flat, {(0, 0)}, entries, chunk, budget, budget_from, what)
-    n = flat.layout.N
-    if chunk is None and plan.chunk_size < n:
-        whole = dataclasses.replace(plan, chunk_size=n, peak_bytes=plan.output_bytes + plan.graph_bytes + n * plan.row_bytes)
-        plan = whole if whole.fits else plan
-    return plan
+    candidate = full and len(lay.leaves) > 1 and lay.N <= _JOINT_MAX_N
+    with safe_ops() as mode:
+        cost = None
+        if not inside_transform() and (chunk is None or candidate):
+            cost = probe(prep.h, prep.primals, lay.leaves, lay.rebuild)
+        # the rerouting costs a Python call per operator: skip it when the probe's forward met none
+        safe = cost is None or mode is None or mode.rerouted > 0
+        if candidate and cost is not None and _joint_cost(lay, cost) <= _JOINT_FLOPS_PER_LEAF * len(lay.leaves):
+            try:
+                return _Planned(_plan(prep, request, entries, chunk, budget, budget_from, what, joint=True, cost=cost), True, safe)
+            except MemoryBudgetError:  # all rows do not fit one pass: the per-leaf engine chunks
+                pass
+        return _Planned(_plan(prep, request, entries, chunk, budget, budget_from, what, cost=cost), False, safe)
 
 
 @dataclass
@@ -425,11 +448,12 @@ class _BlockOptions:
 
 
 def _blocks_runner(
-    prep: _Prepared, request: set[tuple[int, int]], make_sink: Callable[[], Any], finish: Callable[[Any], Any], has_aux: bool, chunk: int
+    prep: _Prepared, request: set[tuple[int, int]], make_sink: Callable[[], Any], finish: Callable[[Any], Any], has_aux: bool,
+    chunk: int, joint: bool = False,
 ) -> dict[str, Callable[[], Any]]:
     def runner(forward: bool) -> Any:
         sink = make_sink()
-        aux = engine_run(prep.h, prep.layout, request, sink, forward=forward, has_aux=has_aux, chunk_for=lambda rows, width: chunk)
+        aux = engine_run(prep.h, prep.layout, request, sink, forward=forward, has_aux=has_aux, chunk_for=lambda rows, width: chunk, joint=joint)
         return finish(sink), aux
 
     return {"rev-rev": lambda: runner(False), "fwd-rev": lambda: runner(True)}
@@ -458,9 +482,11 @@ def hessian(
     Symmetry: each pair of blocks is computed once; `H[b][a]` is a copy of `H[a][b]`'s transpose
     (inside the one matrix). In reverse mode the rows of block `a` are differentiated only with
     respect to the parameters after `a`, so for a tangent in a later layer the second backward pass
-    never goes below that layer. Small full Hessians (at most 768 parameters, outside transforms)
-    skip the per-block passes: all rows go through one pass of the flattened parameters, whose
-    upper triangle is mirrored (measured 1.5-2x faster there; the block engine wins beyond ~1,000).
+    never goes below that layer. The full Hessian of a small, cheap model (outside transforms)
+    skips the per-block passes: one forward and backward, then all rows in one joint pass, keeping
+    the upper blocks and mirroring them. The planner picks it from one probe forward (the FLOPs of
+    its matrix products and convolutions, and N): measured 1.2-2.6x faster on MLPs and transformer
+    blocks with a few samples; conv nets and larger batches stay per block.
 
     Composition: "rev-rev" is `vjp` of the gradient of each block, `vmap`ped over chunks of basis
     rows (`jacrev(grad(f))`, block by block); "fwd-rev" is `vmap` of `jvp` through the gradient
@@ -472,7 +498,8 @@ def hessian(
     row (from one probe forward that measures the activations autograd saves) and picks the
     largest chunk of rows that fits the budget; if even the output cannot fit, it raises
     `MemoryBudgetError` saying what is needed. See `funchess.plan_hessian`. The probe evaluates f
-    once more (it draws from the random number generator if f does); an int `chunk_size` skips it.
+    once more (it draws from the random number generator if f does); an int `chunk_size` skips it,
+    except for full Hessians of at most 8,192 parameters, where it also chooses the joint pass.
 
     Args:
         f: a function returning a scalar Tensor (or `(scalar, aux)` with `has_aux=True`).
@@ -480,7 +507,8 @@ def hessian(
         has_aux: f returns `(value, aux)`; the transform then returns `(H, aux)`.
         mode: "auto", "rev-rev" or "fwd-rev" (see above).
         chunk_size: Hessian rows per vectorised pass. "auto" (default; None means the same) lets
-            the planner pick (at most 256); an int fixes it (smaller uses less memory).
+            the planner pick (at most 256, or all N rows in the joint pass); an int fixes it
+            (smaller uses less memory).
         blocks: None for the full Hessian; "diagonal" for the diagonal blocks `H[a][a]` only; or a
             list of parameter names / glob patterns `p` (all blocks among the matching
             parameters) and pairs `(p, q)` (blocks `H[a][b]`, `a` matching `p`, `b` matching `q`).
@@ -523,22 +551,12 @@ def hessian(
         request, wanted = resolve_blocks(prep.call, blocks, lay.names)
         entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
         what = f"the Hessian of {lay.N:,} parameters" if wanted is None else f"{len(request)} Hessian block(s)"
-        if wanted is None and _one_group(lay):  # small: one pass over all rows beats a pass per leaf
-            flat = _flattened(prep)
-            plan = _plan_flat(flat, entries, o.chunk, o.budget, o.budget_from, what)
-            outer = (lay.shapes, lay.spec)
-            runners = _blocks_runner(
-                flat, {(0, 0)}, lambda: DenseSink(flat.layout), lambda sink: blocks_of(_upper_mirrored(sink.finish()), outer, outer), has_aux, plan.chunk_size
-            )
-            H, aux = _run(prep.call, o.state, runners)
-            return (H, aux) if has_aux else H
-        with safe_ops():
-            plan = _plan(prep, request, entries, o.chunk, o.budget, o.budget_from, what)
+        p = _planned(prep, request, entries, o.chunk, o.budget, o.budget_from, what, full=wanted is None)
         if wanted is None:
-            runners = _blocks_runner(prep, request, lambda: DenseSink(lay), lambda sink: sink.finish(), has_aux, plan.chunk_size)
+            runners = _blocks_runner(prep, request, lambda: DenseSink(lay), lambda sink: sink.finish(), has_aux, p.plan.chunk_size, p.joint)
         else:
-            runners = _blocks_runner(prep, request, lambda: SelectedSink(lay), lambda sink: sink.finish(wanted), has_aux, plan.chunk_size)
-        H, aux = _run(prep.call, o.state, runners)
+            runners = _blocks_runner(prep, request, lambda: SelectedSink(lay), lambda sink: sink.finish(wanted), has_aux, p.plan.chunk_size)
+        H, aux = _run(prep.call, o.state, runners, safe=p.safe)
         return (H, aux) if has_aux else H
 
     return hessian_fn
@@ -586,12 +604,11 @@ def hessian_diagonal(
         lay = prep.layout
         chosen = resolve_leaves(prep.call, blocks, lay.names)
         request = {(x, x) for x in chosen}
-        with safe_ops():
-            plan = _plan(prep, request, sum(lay.sizes[x] for x in chosen), o.chunk, o.budget, o.budget_from, "the Hessian diagonal")
+        p = _planned(prep, request, sum(lay.sizes[x] for x in chosen), o.chunk, o.budget, o.budget_from, "the Hessian diagonal")
         runners = _blocks_runner(
-            prep, request, lambda: DiagonalSink(lay), lambda sink: sink.finish(chosen, as_tree=blocks is None), has_aux, plan.chunk_size
+            prep, request, lambda: DiagonalSink(lay), lambda sink: sink.finish(chosen, as_tree=blocks is None), has_aux, p.plan.chunk_size
         )
-        diag, aux = _run(prep.call, o.state, runners)
+        diag, aux = _run(prep.call, o.state, runners, safe=p.safe)
         return (diag, aux) if has_aux else diag
 
     return diagonal_fn
@@ -636,10 +653,7 @@ def plan_hessian(
             request, wanted = resolve_blocks(prep.call, blocks, lay.names)
             entries = lay.N * lay.N if wanted is None else sum(lay.sizes[i] * lay.sizes[j] for i, j in request)
         try:
-            if not diagonal and wanted is None and _one_group(lay):  # what hessian runs for small N
-                return _plan_flat(_flattened(prep), entries, chunk, budget, "", "")
-            with safe_ops():
-                return _plan(prep, request, entries, chunk, budget, "", "")
+            return _planned(prep, request, entries, chunk, budget, "", "", full=not diagonal and wanted is None).plan
         except MemoryBudgetError as exc:
             assert isinstance(exc.plan, MemoryPlan)
             return exc.plan

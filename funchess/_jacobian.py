@@ -32,15 +32,16 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def safe_ops() -> Iterator[None]:
-    """Enter funchess's operator rerouting once (nested transforms reuse the outer one)."""
-    if getattr(_state, "active", False):
-        yield
+def safe_ops(enabled: bool = True) -> Iterator[SecondOrderSafe | None]:
+    """Enter funchess's operator rerouting once (nested transforms reuse the outer one); yields
+    the mode, or None when an outer call entered it or `enabled` is False."""
+    if not enabled or getattr(_state, "active", False):
+        yield None
         return
     _state.active = True
     try:
-        with SecondOrderSafe():
-            yield
+        with SecondOrderSafe() as mode:
+            yield mode
     finally:
         _state.active = False
 

@@ -406,8 +406,8 @@ def per_sample_hessian(
             def sample_rows(x: int, Y: list[int], basis: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
                 """Rows `basis` of blocks `H[x][y]`, y in Y, of one sample's loss."""
                 h = _scalar_fn(lambda p: ell(p, *tensors), here, False)
-                rows_of, _ = group_of(h, layout, layout.leaves, x, Y, False)
-                return tuple(rows_of(basis))
+                rows_of, _ = group_of(h, layout, layout.leaves, [x], Y, False)
+                return tuple(rows_of([basis]))
 
             def run() -> Tensor:
                 if inside_transform():  # no writing into buffers: vmap the engine, concatenate
@@ -415,7 +415,7 @@ def per_sample_hessian(
                 off, k = layout.off, len(shapes)
                 request = {(i, j) for i in range(k) for j in range(i, k)}
                 grouped = groups(request, forward)
-                out: Tensor = leaves[0].new_empty(B, N, N)
+                out: Tensor = leaves[0].new_empty(B, N, N, dtype=layout.dtype)
                 for b0, b1 in _chunks(B, b_chunk):
                     for x, Y in grouped:
                         for s, e in _chunks(layout.sizes[x], rows):

@@ -16,12 +16,14 @@ def _setup(case: Case):  # type: ignore[no-untyped-def]
     return f, params
 
 
-@pytest.fixture(params=["planned", "per-leaf"])
+@pytest.fixture(params=["joint", "per-leaf"])
 def grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Small Hessians run as one group over all rows ("planned"); "per-leaf" forces the symmetric
-    per-leaf block engine that larger ones use, so both paths meet every case."""
+    """The planner runs cheap full Hessians as one joint group over all rows and the rest in the
+    symmetric per-leaf block engine; each case meets both, forced."""
     if request.param == "per-leaf":
-        monkeypatch.setattr(funchess._hessian, "_ONE_GROUP_MAX_N", 0)
+        monkeypatch.setattr(funchess._hessian, "_JOINT_MAX_N", 0)
+    else:
+        monkeypatch.setattr(funchess._hessian, "_JOINT_FLOPS_PER_LEAF", float("inf"))
     return str(request.param)
 
 

@@ -19,6 +19,7 @@ import torch
 
 import funchess
 from funchess import InvalidArgumentError, MemoryBudgetError
+from funchess.testing import assert_hessian_close, reference_hessian
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
@@ -82,7 +83,10 @@ def _measure(kind: str, batch: int, budget: str, call: str = "hessian") -> dict[
 
 
 @linux_only
-@pytest.mark.parametrize("kind, batch, budget", [("mlp", 512, "300MiB"), ("conv", 64, "650MiB"), ("deep", 256, "160MiB"), ("mlp", 128, "none")])
+@pytest.mark.parametrize(
+    "kind, batch, budget",
+    [("mlp", 512, "300MiB"), ("conv", 64, "650MiB"), ("deep", 256, "160MiB"), ("mlp", 128, "none"), ("deep", 1, "none"), ("deep", 2, "none")],
+)  # ("deep", 1 or 2): few samples make it a joint pass over all 5,546 rows at once
 def test_measured_peak_within_budget_and_near_estimate(kind: str, batch: int, budget: str) -> None:
     r = _measure(kind, batch, budget)
     measured, estimate = int(r["measured"]), int(r["estimate"])  # type: ignore[call-overload]
@@ -91,6 +95,8 @@ def test_measured_peak_within_budget_and_near_estimate(kind: str, batch: int, bu
     assert estimate / 1.75 <= measured <= 1.5 * estimate, r
     if budget != "none":
         assert int(r["chunk"]) < 256, r  # type: ignore[call-overload]  # the budget really constrained the chunk
+    if batch <= 2:
+        assert int(r["chunk"]) == 5546, r  # type: ignore[call-overload]
 
 
 @linux_only
@@ -124,7 +130,7 @@ def test_plan_is_honest_about_sizes() -> None:
     plan = funchess.plan_hessian(f, max_memory="2GiB")(p)
     assert plan.output_bytes == 500 * 500 * 8  # promoted to float64
     assert plan.budget_bytes == 2 * 2**30
-    assert 1 <= plan.chunk_size <= 256 and plan.fits
+    assert plan.chunk_size == 500 and plan.fits  # a small model: all rows in one joint pass
     assert plan.peak_bytes == plan.output_bytes + plan.graph_bytes + plan.chunk_size * plan.row_bytes
     sel = funchess.plan_hessian(f, blocks=[("a", "b")])(p)
     assert sel.output_bytes == 300 * 200 * 8
@@ -133,6 +139,8 @@ def test_plan_is_honest_about_sizes() -> None:
     assert "needs" in str(plan) and "budget of 2.0 GiB" in str(plan)
     small = funchess.plan_hessian(f, max_memory=10_000)(p)
     assert not small.fits
+    H = funchess.hessian(f)(p)  # the one matrix has the promoted dtype, as planned
+    assert funchess.to_matrix(H).dtype == torch.float64 and H["a"]["a"].dtype == torch.float64
 
 
 @pytest.mark.parametrize("value, expected", [("4GiB", 4 * 2**30), ("500MB", 500 * 10**6), ("1.5 KiB", 1536), (1234, 1234), ("2g", 2 * 2**30)])
@@ -145,6 +153,39 @@ def test_max_memory_strings(value: object, expected: int) -> None:
 def test_bad_max_memory(bad: object) -> None:
     with pytest.raises(InvalidArgumentError, match=r"expected max_memory to be a positive number of bytes or a size like '4GiB' or '500MB', got"):
         funchess.hessian(lambda w: w.sum(), max_memory=bad)  # type: ignore[arg-type]
+
+
+def _flop_counter_total(fn: object) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()  # type: ignore[operator]
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "conv-transposed-grouped", "attention"])
+def test_probe_counts_flops_like_torch_flop_counter(kind: str) -> None:
+    """The planner's lean FLOP count equals torch.utils.flop_counter's on matrix products and
+    convolutions (transposed and grouped included), and the saved bytes are positive."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8)
+    if kind == "mlp":
+        model: torch.nn.Module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    elif kind == "conv":
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(6, 2, 3))
+    elif kind == "conv-transposed-grouped":
+        model = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), torch.nn.Tanh(), torch.nn.Conv2d(6, 3, 1, groups=3))
+    else:
+        model = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        x = torch.randn(3, 5, 8)
+    f, params = funchess.functional(model, lambda out, _: out[0].pow(2).sum() if isinstance(out, tuple) else out.pow(2).sum())
+    args = (x, x, x) if kind == "attention" else (x,)
+    loss = (lambda p: f(p, args, None)) if kind == "attention" else (lambda p: f(p, x, None))
+    leaves = list(params.values())
+    cost = funchess._memory.probe(loss, (params,), leaves, lambda ls: (dict(zip(params, ls)),))
+    assert cost.flops == _flop_counter_total(lambda: loss(params)) > 0
+    assert (cost.conv_flops > 0) == kind.startswith("conv")
+    assert cost.saved_bytes > 0
 
 
 def test_explicit_chunk_size_is_used_and_results_agree() -> None:
@@ -191,3 +232,51 @@ def test_cuda_peak_within_budget_and_near_estimate(kind: str, batch: int, budget
         assert plan.chunk_size < 256, plan  # the budget really constrained the chunk
     on_cpu = {a: {b: t.cpu() for b, t in row.items()} for a, row in H.items()}
     assert_hessian_close(on_cpu, funchess.hessian(f_cpu)(p_cpu, x_cpu, y_cpu), rtol=1e-3, atol=1e-5)
+
+
+def _runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
+    """Spy on the engine: how each Hessian call ran (joint or per-leaf, rerouting on or off)."""
+    from funchess import _hessian
+    from funchess._safe_ops import SecondOrderSafe
+
+    calls: list[dict[str, bool]] = []
+    engine_run = _hessian.engine_run
+
+    def spy(*args: object, **kwargs: object) -> object:
+        active = any(isinstance(m, SecondOrderSafe) for m in torch.overrides._get_current_function_mode_stack())
+        calls.append({"joint": bool(kwargs.get("joint")), "rerouted": active})
+        return engine_run(*args, **kwargs)
+
+    monkeypatch.setattr(_hessian, "engine_run", spy)
+    return calls
+
+
+def test_planner_picks_the_joint_pass_only_where_it_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funchess._models import make_problem
+
+    calls = _runs(monkeypatch)
+    small = make_problem("mlp-500")
+    f, p = small.function()
+    funchess.hessian(f)(p, small.inputs[:1], small.targets[:1])  # 499 params, one sample
+    conv = make_problem("cnn-2k")
+    g, q = conv.function()
+    funchess.hessian(g)(q, conv.inputs[:16], conv.targets[:16])  # convolutions over 16 samples
+    funchess.hessian(lambda w: (w.sin() ** 2).sum())(torch.randn(30))  # one leaf: nothing to join
+    torch.func.vmap(funchess.hessian(f), in_dims=(None, 0, 0))(p, small.inputs[:2, None], small.targets[:2, None])  # no probe under vmap
+    assert [c["joint"] for c in calls] == [True, False, False, False]
+
+
+def test_rerouting_is_skipped_only_when_the_probe_met_no_rerouted_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _runs(monkeypatch)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    normed = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2)).double()
+    for model in (plain, normed):
+        f, p = funchess.functional(model, torch.nn.functional.mse_loss)
+        for chunk_size in ("auto", 3):
+            H = funchess.hessian(f, chunk_size=chunk_size)(p, x, y)
+            assert_hessian_close(H, reference_hessian(f, p, x, y))
+    funchess.hessian(lambda w: (w.sin() ** 2).sum(), chunk_size=3)(torch.randn(5))  # not probed: rerouted
+    # plain: probed both times (a small model is a joint candidate), so no rerouting; LayerNorm: always
+    assert [c["rerouted"] for c in calls] == [False, False, True, True, True]
