@@ -27,6 +27,7 @@ from ._jacobian import _chunks, check_chunk_size, jac_rev, safe_ops
 from ._per_sample import (
     Randomness,
     Samples,
+    check_out,
     check_per_sample,
     check_randomness,
     fmt_call,
@@ -293,6 +294,10 @@ def per_sample_ggn(
         chunk_size: samples per vectorised pass; None bounds each pass automatically.
         randomness: "error", "different" or "same", as in `torch.func.vmap`.
 
+    Returns:
+        A function `(params, inputs, targets=None, *, out=None) -> G`; `out`, as in
+        `funchess.per_sample_hessian`, is a reused `(B, N, N)` result buffer.
+
     Example:
         >>> import torch, funchess
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -310,7 +315,7 @@ def per_sample_ggn(
     check_randomness(call, randomness)
 
     @functools.wraps(f)
-    def per_sample_ggn_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
+    def per_sample_ggn_fn(params: PyTree, inputs: Any, targets: Any = None, *, out: Tensor | None = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
         _check_primals(here, (params,), ["params"])
         check_per_sample(here, f)
@@ -318,6 +323,8 @@ def per_sample_ggn(
         leaves, spec = tree_flatten(params)
         shapes = [p.shape for p in leaves]
         B, N = samples.size, offsets(shapes)[-1]
+        if out is not None:
+            check_out(here, out, (B, N, N), functools.reduce(torch.promote_types, [p.dtype for p in leaves]), leaves[0].device)
 
         def factors(*tensors: Tensor) -> tuple[Tensor, Tensor]:
             x, t = samples.one(tensors)
@@ -326,7 +333,6 @@ def per_sample_ggn(
 
         chunk = chunk_size or max(1, min(B, _PASS_BUDGET // max(N * N, 1)))
         pieces: list[Tensor] = []
-        out: Tensor | None = None
         with safe_ops():
             run = vmap(factors, randomness=randomness)
             for b0, b1 in _chunks(B, chunk):
@@ -338,7 +344,7 @@ def per_sample_ggn(
                 if out is None:
                     out = J.new_empty(B, N, N)
                 torch.bmm(J.transpose(1, 2), HJ, out=out[b0:b1])
-        G = out if out is not None else torch.cat(pieces, 0)
+        G = out if out is not None and not pieces else torch.cat(pieces, 0)
         return from_matrix(G, params)
 
     return per_sample_ggn_fn

@@ -103,6 +103,19 @@ def test_per_sample_ggn_matches_reference_loop(name: str) -> None:
     torch.testing.assert_close(mean, funchess.to_matrix(funchess.ggn(f)(params, case.inputs, case.targets)), rtol=1e-9, atol=1e-12)
 
 
+def test_per_sample_ggn_writes_into_a_reused_out_buffer() -> None:
+    case = mlp_ce(torch.float64, "cpu")
+    f, params = _setup(case)
+    fn = funchess.per_sample_ggn(f, chunk_size=4)
+    expected = funchess.to_matrix(fn(params, case.inputs, case.targets), batch_dims=1)
+    buffer = torch.full_like(expected, float("nan"))
+    G = fn(params, case.inputs, case.targets, out=buffer)
+    assert funchess.to_matrix(G, batch_dims=1).data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+    with pytest.raises(funchess.StructureError, match=r"funchess\.per_sample_ggn\(f, chunk_size=4\)\(params, inputs, targets\): expected out to be a contiguous Tensor of shape .* got shape \(1, 2, 3\)"):
+        fn(params, case.inputs, case.targets, out=torch.empty(1, 2, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_empirical_fisher_is_the_mean_or_sum_of_gradient_outer_products(reduction: str) -> None:
     case = mlp_ce(torch.float64, "cpu")

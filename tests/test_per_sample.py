@@ -117,6 +117,39 @@ def test_per_sample_hessian_blocks_are_views_of_one_tensor() -> None:
     assert torch.equal(back["2.weight"]["0.bias"], H["2.weight"]["0.bias"])
 
 
+@pytest.mark.parametrize("randomness", ["error", "different"])
+def test_per_sample_hessian_writes_into_a_reused_out_buffer(randomness: str) -> None:
+    case = mlp_mse(torch.float64, "cpu")
+    f, params = _setup(case)
+    fn = funchess.per_sample_hessian(f, randomness=randomness)  # type: ignore[arg-type]
+    expected = funchess.to_matrix(fn(params, case.inputs, case.targets), batch_dims=1)
+    buffer = torch.full((7, 51, 51), float("nan"), dtype=torch.float64)
+    for _ in range(2):  # the second call overwrites the first result in place
+        H = fn(params, case.inputs, case.targets, out=buffer)
+        assert funchess.to_matrix(H, batch_dims=1).data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+
+
+def test_per_sample_hessian_out_errors_are_pinned() -> None:
+    case = mlp_mse(torch.float64, "cpu")
+    f, params = _setup(case)
+    fn = funchess.per_sample_hessian(f)
+    x, y = case.inputs, case.targets
+    expected = r"funchess\.per_sample_hessian\(f\)\(params, \.\.\.\): expected out to be a contiguous Tensor of shape \(7, 51, 51\) \(samples, N, N\), torch\.float64 on cpu, got "
+    for bad, got in [
+        (torch.empty(7, 51, 50, dtype=torch.float64), r"shape \(7, 51, 50\), torch\.float64 on cpu\. Allocate it once with torch\.empty\(7, 51, 51, dtype=torch\.float64, device='cpu'\), or drop out="),
+        (torch.empty(7, 51, 51), r"shape \(7, 51, 51\), torch\.float32 on cpu\."),
+        (torch.empty(51, 51, 7, dtype=torch.float64).permute(2, 0, 1), r"shape \(7, 51, 51\), torch\.float64 on cpu, not contiguous\."),
+        ([[0.0]], r"a list\."),
+    ]:
+        with pytest.raises(funchess.StructureError, match=expected + got):
+            fn(params, x, y, out=bad)
+    xs = torch.stack([x, x])
+    buffer = torch.empty(7, 51, 51, dtype=torch.float64)
+    with pytest.raises(funchess.UnsupportedError, match=r"out= cannot be used inside torch\.func transforms \(vmap, grad, \.\.\.\), which do not allow writing into a buffer\. Drop out= there\."):
+        torch.func.vmap(lambda xi: fn(params, xi, y, out=buffer))(xs)
+
+
 def test_per_sample_hessian_composes_with_vmap() -> None:
     case = mlp_mse(torch.float64, "cpu")
     f, params = _setup(case)
