@@ -280,3 +280,22 @@ def test_rerouting_is_skipped_only_when_the_probe_met_no_rerouted_operator(monke
     funchess.hessian(lambda w: (w.sin() ** 2).sum(), chunk_size=3)(torch.randn(5))  # not probed: rerouted
     # plain: probed both times (a small model is a joint candidate), so no rerouting; LayerNorm: always
     assert [c["rerouted"] for c in calls] == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("mode", ["rev-rev", "fwd-rev"])
+def test_joint_pass_with_aux_and_mixed_dtypes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _runs(monkeypatch)
+    torch.manual_seed(0)
+    p = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float32)}
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def f(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.tanh(x @ q["w"] + q["b"].double())
+        return (z**2).sum() * z.sum(), z
+
+    H, aux = funchess.hessian(f, has_aux=True, mode=mode, chunk_size=5)(p)  # passes split inside leaves
+    assert [c["joint"] for c in calls] == [True]
+    assert torch.equal(aux, f(p)[1])
+    assert funchess.to_matrix(H).dtype == torch.float64
+    # the float32 leaf's gradient, and so its rows and columns, carry float32 rounding
+    assert_hessian_close(H, reference_hessian(lambda q: f(q)[0], p), rtol=1e-5, atol=1e-5)
