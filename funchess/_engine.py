@@ -23,7 +23,6 @@ written in place: pieces are concatenated instead.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ._compat import inside_transform, jvp, vjp
-from ._tree import blocks_of, offsets, tree_flatten, tree_product, tree_unflatten
+from ._tree import blocks_of, offsets, promoted_dtype, tree_flatten, tree_product, tree_unflatten
 
 PyTree = Any
 Pair = tuple[int, int]
@@ -50,7 +49,7 @@ class Layout:
         self.off = offsets(self.shapes)
         self.N = self.off[-1]
         self.names = [".".join(str(k) for k in path) for path in self.spec.paths()]
-        self.dtype = functools.reduce(torch.promote_types, [leaf.dtype for leaf in self.leaves])  # of the one matrix
+        self.dtype = promoted_dtype(self.leaves)  # of the one matrix
 
     def rebuild(self, leaves: Sequence[Tensor]) -> tuple[Any, ...]:
         tree = tree_unflatten(self.spec, leaves)

@@ -36,7 +36,7 @@ from ._per_sample import (
     random_error,
     random_errors,
 )
-from ._tree import from_matrix, offsets, ravel, tree_flatten, unravel
+from ._tree import from_matrix, offsets, promoted_dtype, ravel, tree_flatten, unravel
 
 __all__ = ["ggn", "ggn_vp", "per_sample_ggn", "empirical_fisher", "split_loss", "RandomGuard"]
 
@@ -324,7 +324,7 @@ def per_sample_ggn(
         shapes = [p.shape for p in leaves]
         B, N = samples.size, offsets(shapes)[-1]
         if out is not None:
-            check_out(here, out, (B, N, N), functools.reduce(torch.promote_types, [p.dtype for p in leaves]), leaves[0].device)
+            check_out(here, out, (B, N, N), promoted_dtype(leaves), leaves[0].device)
 
         def factors(*tensors: Tensor) -> tuple[Tensor, Tensor]:
             x, t = samples.one(tensors)

@@ -11,8 +11,9 @@ The estimate has three parts:
 
 `A` is measured, not guessed: one forward runs under `torch.autograd.graph.saved_tensors_hooks`
 that add up the bytes of every saved tensor (the same probe counts the FLOPs of its matrix products
-and convolutions, from which `funchess.hessian` chooses how to group the rows). The budget is `max_memory` or, by default, 80 % of
-the free memory of the device (`MemAvailable` on CPU, `torch.cuda.mem_get_info` on CUDA).
+and convolutions, from which `funchess.hessian` chooses how to group the rows). The budget is
+`max_memory` or, by default, 80 % of the free memory of the device (`MemAvailable` on CPU,
+`torch.cuda.mem_get_info` on CUDA).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ._errors import InvalidArgumentError, StructureError, UnsupportedError
 from ._hessian import Mode, _check_callable, _check_mode, _check_primals, hvp
 from ._jacobian import _basis as _jacobian_basis
 from ._jacobian import _chunks, check_chunk_size, default_chunk
-from ._tree import offsets, ravel, to_matrix, tree_flatten, unravel
+from ._tree import offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
 
 __all__ = [
     "LinearOperator",
@@ -106,10 +106,7 @@ class LinearOperator(abc.ABC):
         self._leaves: list[Tensor] = leaves
         n = offsets([leaf.shape for leaf in leaves])[-1]
         self.shape: tuple[int, int] = (n, n)
-        promoted = leaves[0].dtype
-        for leaf in leaves[1:]:
-            promoted = torch.promote_types(promoted, leaf.dtype)
-        self.dtype: torch.dtype = dtype or promoted
+        self.dtype: torch.dtype = dtype or promoted_dtype(leaves)
         self.device: torch.device = device or leaves[0].device
 
     def __repr__(self) -> str:

@@ -57,6 +57,14 @@ def tree_product(
     return tree_unflatten(outer_spec, rows)
 
 
+def promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype all of `tensors` promote to (one matrix or vector holding them all)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def offsets(shapes: Sequence[torch.Size]) -> list[int]:
     """Start offset of each leaf in the raveled vector, plus the total at the end."""
     out = [0]
@@ -119,9 +127,7 @@ def ravel(tree: PyTree) -> Tensor:
     _check_tensor_leaves("funchess.ravel(tree)", leaves, "e.g. a params dict")
     if not leaves:
         return torch.zeros(0)
-    dtype = leaves[0].dtype
-    for leaf in leaves[1:]:
-        dtype = torch.promote_types(dtype, leaf.dtype)
+    dtype = promoted_dtype(leaves)
     return torch.cat([leaf.reshape(-1).to(dtype) for leaf in leaves])
 
 
@@ -263,9 +269,7 @@ def to_matrix(H: PyTree, *, batch_dims: int = 0) -> Tensor:
     if base is not None:
         return base
     off = offsets(shapes)
-    dtype = blocks[0].dtype
-    for b in blocks[1:]:
-        dtype = torch.promote_types(dtype, b.dtype)
+    dtype = promoted_dtype(blocks)
     out = torch.empty(*batch, off[-1], off[-1], dtype=dtype, device=blocks[0].device)
     for i in range(n):
         for j in range(n):

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - torch < 2.3
     _sdpa_kernel = None  # type: ignore[assignment]
 
 from ._errors import OutputError
-from ._tree import blocks_of, offsets, tree_flatten, tree_unflatten
+from ._tree import blocks_of, offsets, promoted_dtype, tree_flatten, tree_unflatten
 
 __all__ = [
     "TOLERANCES",
@@ -115,10 +115,7 @@ def _scalar(call: str, out: Any) -> Tensor:
 
 
 def _dtype(leaves: list[Tensor]) -> torch.dtype:
-    dtype = leaves[0].dtype
-    for leaf in leaves[1:]:
-        dtype = torch.promote_types(dtype, leaf.dtype)
-    return dtype
+    return promoted_dtype(leaves)
 
 
 def reference_hessian(
