@@ -10,7 +10,8 @@ writing the `(B, N, N)` result once into fresh memory: a floor for every method 
 result; "out= reused" writes into one buffer allocated before the timed calls, whose floor is the
 fill of that already-touched buffer.
 
-Data-set Hessian (8 batches of 64 plus an uneven one of 17) against one `funchess.hessian` of the
+Data-set Hessian (8 batches of 64, and 32 batches of 16, each plus an uneven one of 17) against one
+Hessian per batch (dataset_hessian without grouping batches), one `funchess.hessian` of the
 concatenated data and curvlinops' `HessianLinearOperator @ I` when curvlinops is importable.
 
 Times are medians of wall-clock and process CPU time (the CPU time is the steadier figure on a
@@ -135,18 +136,32 @@ def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
            "funchess.per_sample_hessian")
 
 
-def dataset(repeat: int) -> None:
+def batch_by_batch(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with dataset_hessian taking one Hessian per batch (no grouping of batches)."""
+    from funchess import _dataset
+
+    def run() -> Any:
+        saved, _dataset._GROUP_SAMPLES = _dataset._GROUP_SAMPLES, 1
+        try:
+            return fn()
+        finally:
+            _dataset._GROUP_SAMPLES = saved
+
+    return run
+
+
+def dataset(repeat: int, sizes: list[int]) -> None:
     torch.manual_seed(0)
     dims = (20, 32, 32, 5)
     model = mlp(dims)
     f, params = funchess.functional(model, F.mse_loss)
-    sizes = [64] * 8 + [17]
     batches = [(torch.randn(n, dims[0]), torch.randn(n, dims[-1])) for n in sizes]
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     N = sum(p.numel() for p in params.values())
     methods: list[tuple[str, Callable[[], Any]]] = [
         ("funchess.dataset_hessian", lambda: funchess.dataset_hessian(f)(params, batches)),
+        ("funchess.dataset_hessian, one Hessian per batch", batch_by_batch(lambda: funchess.dataset_hessian(f)(params, batches))),
         ("funchess.hessian of the concatenated data", lambda: funchess.hessian(f)(params, x, y)),
     ]
     try:
@@ -168,7 +183,7 @@ def dataset(repeat: int) -> None:
         err = (curv() - got).abs().max().item() / got.abs().max().item()
         print(f"\n(curvlinops vs funchess.dataset_hessian: max relative difference {err:.1e})")
     rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
-    report(f"Data-set Hessian: MLP 20-32-32-5, {len(sizes)} batches ({sum(sizes)} samples), N={N}, float32",
+    report(f"Data-set Hessian: MLP 20-32-32-5, {len(sizes)} batches of {sizes[0]} ({sum(sizes)} samples), N={N}, float32",
            rows, "funchess.dataset_hessian")
 
 
@@ -188,7 +203,8 @@ def main() -> None:
     peaks()
     per_sample((20, 32, 32, 5), 64, args.repeat, not args.quick)
     per_sample((10, 16, 3), 256, args.repeat, not args.quick)
-    dataset(args.repeat)
+    dataset(args.repeat, [64] * 8 + [17])
+    dataset(args.repeat, [16] * 32 + [17])
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import funchess
 from funchess.testing import assert_hessian_close, reference_hessian, reference_hvp
 
+import cases
 from cases import Case, batchnorm_train, mlp_ce, mlp_mse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +41,168 @@ def test_dataset_hessian_equals_the_concatenated_data_set(make: Any, reduction: 
     H = funchess.dataset_hessian(f, reduction=reduction)(params, loader)
     assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
     snap.assert_unchanged()
+
+
+def _count_hessian_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the block engine: one entry per Hessian computed."""
+    from funchess import _hessian
+
+    calls: list[int] = []
+    engine_run = _hessian.engine_run
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return engine_run(*args, **kwargs)
+
+    monkeypatch.setattr(_hessian, "engine_run", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("group_samples", [1, 5, 8, 1024])
+def test_dataset_hessian_takes_one_hessian_per_group_of_batches(
+    monkeypatch: pytest.MonkeyPatch, group_samples: int, reduction: str
+) -> None:
+    from funchess import _dataset
+
+    case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
+    f, params = _loss(case, reduction)
+    monkeypatch.setattr(_dataset, "_GROUP_SAMPLES", group_samples)
+    calls = _count_hessian_calls(monkeypatch)
+    H = funchess.dataset_hessian(f, reduction=reduction)(params, _loader(case, 2))
+    assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
+    assert len(calls) == {1: 5, 5: 2, 8: 2, 1024: 1}[group_samples]  # groups of >= group_samples samples
+
+
+def test_dataset_hessian_with_chunk_size_goes_batch_by_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = mlp_ce(torch.float64, "cpu")
+    f, params = _loss(case, "mean")
+    calls = _count_hessian_calls(monkeypatch)
+    H = funchess.dataset_hessian(f, chunk_size=3)(params, _loader(case, 4))  # the caller bounds each pass
+    assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
+    assert len(calls) == 3
+
+
+def test_dataset_hessian_splits_a_group_that_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funchess import _dataset
+
+    real = _dataset.hessian
+
+    def planned_too_big(g: Any, **opts: Any) -> Any:
+        H = real(g, **opts)
+        if getattr(g, "__name__", None) != "group_loss":
+            return H
+
+        def group_hessian(params: Any, group: list[Any]) -> Any:
+            if len(group) > 1:
+                raise funchess.MemoryBudgetError("the group's working set does not fit")
+            return H(params, group)
+
+        return group_hessian
+
+    monkeypatch.setattr(_dataset, "hessian", planned_too_big)
+    case = mlp_ce(torch.float64, "cpu")
+    f, params = _loss(case, "mean")
+    H = funchess.dataset_hessian(f)(params, _loader(case, 4))  # one group, split batch by batch
+    assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
+
+
+def test_dataset_hessian_vmaps_batches_of_equal_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funchess import _dataset
+
+    stacks: list[int] = []
+    loss = _dataset._Stack.loss
+    monkeypatch.setattr(_dataset._Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
+    torch.manual_seed(0)
+    w = {"w": torch.randn(3, dtype=torch.float64)}
+
+    def f(p: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (torch.tanh(inputs["x"] @ p["w"]) ** 2 * inputs["scale"]).mean()
+
+    x, scale = torch.randn(7, 3, dtype=torch.float64), torch.rand(7, dtype=torch.float64)
+    batches = [({"x": x[i : i + 2], "scale": scale[i : i + 2]}, None) for i in range(0, 7, 2)]  # 2, 2, 2, 1
+    H = funchess.dataset_hessian(f)(w, batches)
+    assert_hessian_close(H, reference_hessian(f, w, {"x": x, "scale": scale}))
+    assert stacks and set(stacks) == {3}  # the three batches of 2 as one vmapped stack; the last alone
+
+
+@pytest.mark.parametrize("stack_samples, sizes", [(4, [2, 2]), (3, []), (100, [4])])
+def test_dataset_hessian_stacks_batches_up_to_a_flop_budget(
+    monkeypatch: pytest.MonkeyPatch, stack_samples: int, sizes: list[int]
+) -> None:
+    from funchess import _dataset
+
+    case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
+    f, params = _loss(case, "mean")
+    batch = _dataset._Batch(case.inputs[:2], case.targets[:2], 2, 2.0)
+    per_sample = _dataset._forward_flops(f, params, batch)
+    assert per_sample > 0
+    monkeypatch.setattr(_dataset, "_STACK_FLOPS", per_sample * stack_samples)
+    stacks: list[int] = []
+    loss = _dataset._Stack.loss
+    monkeypatch.setattr(_dataset._Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
+    H = funchess.dataset_hessian(f)(params, _loader(case, 2))
+    assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
+    assert sorted(set(stacks)) == sorted(set(sizes))  # batches per vmapped stack (none: one by one)
+
+
+@pytest.mark.parametrize(
+    "make", [cases.conv, cases.layernorm, cases.embedding, cases.attention_mha, cases.transformer, cases.gru, cases.batchnorm_eval]
+)
+def test_dataset_hessian_with_every_batch_stacked_equals_the_weighted_batch_hessians(
+    monkeypatch: pytest.MonkeyPatch, make: Any
+) -> None:
+    """f vmapped over stacked batches (or, where it does not vmap, e.g. the GRU, one by one)."""
+    from funchess import _dataset
+
+    monkeypatch.setattr(_dataset, "_STACK_FLOPS", float("inf"))
+    case = make(torch.float64, "cpu")
+    f, params = funchess.functional(case.model, case.loss_fn)
+    n = len(case.inputs)
+    size = 2 if n % 2 == 0 else 1
+    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
+    H = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
+    expected = sum(len(x) / n * funchess.to_matrix(reference_hessian(f, params, x, y)) for x, y in batches)
+    torch.testing.assert_close(H, expected, rtol=1e-9, atol=1e-11)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    group_samples=st.integers(1, 12),
+    stack_samples=st.integers(1, 12),
+    reduction=st.sampled_from(["mean", "sum"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
+    sizes: list[int], group_samples: int, stack_samples: int, reduction: str, dtype: torch.dtype
+) -> None:
+    from funchess import _dataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    f, params = funchess.functional(model, functools.partial(F.cross_entropy, reduction=reduction))
+    x, y = torch.randn(sum(sizes), 3, dtype=dtype), torch.randint(0, 2, (sum(sizes),))
+    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(ends, ends[1:])]
+    per_sample = _dataset._forward_flops(f, params, _dataset._Batch(x[:1], y[:1], 1, 1.0))
+    saved = _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS
+    _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS = group_samples, per_sample * stack_samples
+    try:
+        H = funchess.dataset_hessian(f, reduction=reduction)(params, batches)
+    finally:
+        _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS = saved
+    p64 = {k: v.double() for k, v in params.items()}
+    f64 = funchess.functional(model.double(), functools.partial(F.cross_entropy, reduction=reduction))[0]
+    assert_hessian_close(H, reference_hessian(f64, p64, x.double(), y))
+
+
+def test_dataset_hessian_of_a_non_scalar_loss_says_so_with_stacked_batches() -> None:
+    case = mlp_ce(torch.float64, "cpu")
+    f = funchess.functional(case.model)[0]  # no loss: the model output
+    params = dict(case.model.named_parameters())
+    with pytest.raises(funchess.OutputError, match=r"f must return a scalar Tensor, got shape \(2, 4\)"):
+        funchess.dataset_hessian(lambda p, x, t: f(p, x))(params, _loader(case, 2))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -76,24 +241,35 @@ def test_batches_of_pytrees_and_targetless_losses() -> None:
     assert_hessian_close(H, reference_hessian(f, w, {"x": x, "scale": scale}))
 
 
-def test_batchnorm_in_train_mode_uses_each_batch_and_never_updates_running_stats(snapshot) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("sizes", [(4, 2), (2, 2, 2)])  # equal sizes: the batches are stacked and vmapped
+def test_batchnorm_in_train_mode_uses_each_batch_and_never_updates_running_stats(  # type: ignore[no-untyped-def]
+    snapshot, sizes: tuple[int, ...], track_running_stats: bool
+) -> None:
     case = batchnorm_train(torch.float64, "cpu")
+    if not track_running_stats:  # batch statistics only: f runs under vmap over the stacked batches
+        case.model[1].track_running_stats = False
+        case.model[1].running_mean = case.model[1].running_var = case.model[1].num_batches_tracked = None
     snap = snapshot(case.model)
     f, params = funchess.functional(case.model, F.mse_loss)
-    batches = [(case.inputs[:4], case.targets[:4]), (case.inputs[4:], case.targets[4:])]
+    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    batches = [(case.inputs[a:b], case.targets[a:b]) for a, b in zip(ends, ends[1:])]
     H = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
     expected = sum(
         len(x) / 6 * funchess.to_matrix(reference_hessian(f, params, x, y)) for x, y in batches
     )
+    assert not torch.allclose(H, funchess.to_matrix(reference_hessian(f, params, case.inputs, case.targets)))
     torch.testing.assert_close(H, expected, rtol=1e-9, atol=1e-11)
     snap.assert_unchanged()
-    assert int(case.model[1].num_batches_tracked) == 0
+    if track_running_stats:
+        assert int(case.model[1].num_batches_tracked) == 0
 
 
-def test_dropout_is_refused_by_default_and_allowed_with_randomness_different() -> None:
+@pytest.mark.parametrize("n_batches", [1, 3])  # 3 equal batches are stacked and vmapped
+def test_dropout_is_refused_by_default_and_allowed_with_randomness_different(n_batches: int) -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 1)).double().train()
     f, params = funchess.functional(model, F.mse_loss)
-    batches = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))]
+    batches = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))] * n_batches
     with pytest.raises(
         funchess.UnsupportedError,
         match=r"funchess\.dataset_hessian\(f\)\(params, data\): f draws random numbers \(e\.g\. dropout in train mode\)",
