@@ -12,7 +12,9 @@ fill of that already-touched buffer.
 
 Data-set Hessian (8 batches of 64, and 32 batches of 16, each plus an uneven one of 17) against one
 Hessian per batch (dataset_hessian without grouping batches), one `funchess.hessian` of the
-concatenated data and curvlinops' `HessianLinearOperator @ I` when curvlinops is importable.
+concatenated data and curvlinops' `HessianLinearOperator @ I` when curvlinops is importable; and
+the data-set HVP and GGN-vector product on the same batches, against one product per batch, the
+product on the concatenated data and curvlinops' operators applied to one vector.
 
 Times are medians of wall-clock and process CPU time (the CPU time is the steadier figure on a
 shared machine); the first call of each method is a warm-up and is not timed.
@@ -137,15 +139,16 @@ def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
 
 
 def batch_by_batch(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` with dataset_hessian taking one Hessian per batch (no grouping of batches)."""
+    """`fn` with the data-set functions taking one derivative per batch (no grouping of batches)."""
     from funchess import _dataset
 
     def run() -> Any:
-        saved, _dataset._GROUP_SAMPLES = _dataset._GROUP_SAMPLES, 1
+        saved = _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES
+        _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES = 1, 1
         try:
             return fn()
         finally:
-            _dataset._GROUP_SAMPLES = saved
+            _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES = saved
 
     return run
 
@@ -187,6 +190,42 @@ def dataset(repeat: int, sizes: list[int]) -> None:
            rows, "funchess.dataset_hessian")
 
 
+def dataset_products(repeat: int, sizes: list[int]) -> None:
+    """Data-set Hessian- and GGN-vector products (what iterative solvers call many times)."""
+    torch.manual_seed(0)
+    dims = (20, 32, 32, 5)
+    model = mlp(dims)
+    f, params = funchess.functional(model, F.mse_loss)
+    batches = [(torch.randn(n, dims[0]), torch.randn(n, dims[-1])) for n in sizes]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    N = sum(p.numel() for p in params.values())
+    methods: list[tuple[str, Callable[[], Any]]] = [
+        ("funchess.dataset_hvp", lambda: funchess.dataset_hvp(f)(params, v, batches)),
+        ("funchess.dataset_hvp, one HVP per batch", batch_by_batch(lambda: funchess.dataset_hvp(f)(params, v, batches))),
+        ("funchess.hvp of the concatenated data", lambda: funchess.hvp(lambda p: f(p, x, y), (params,), (v,))),
+        ("funchess.dataset_ggn_vp", lambda: funchess.dataset_ggn_vp(f)(params, v, batches)),
+        ("funchess.dataset_ggn_vp, one product per batch", batch_by_batch(lambda: funchess.dataset_ggn_vp(f)(params, v, batches))),
+        ("funchess.ggn_vp of the concatenated data", lambda: funchess.ggn_vp(f)(params, v, x, y)),
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from curvlinops import GGNLinearOperator, HessianLinearOperator
+    except Exception as exc:  # not installed, or broken against this torch
+        print(f"\n(curvlinops not importable: {type(exc).__name__}: {exc}; comparison skipped)")
+    else:
+        plist, flat_v = list(model.parameters()), funchess.ravel(v)
+        ops = {name: cls(model, nn.MSELoss(), plist, batches, progressbar=False, check_deterministic=False)
+               for name, cls in (("Hessian", HessianLinearOperator), ("GGN", GGNLinearOperator))}
+        methods.append(("curvlinops HessianLinearOperator @ v", lambda: ops["Hessian"] @ flat_v))
+        methods.append(("curvlinops GGNLinearOperator @ v", lambda: ops["GGN"] @ flat_v))
+    rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
+    report(f"Data-set HVP and GGN-vector product: MLP 20-32-32-5, {len(sizes)} batches of {sizes[0]} "
+           f"({sum(sizes)} samples), N={N}, float32", rows, "funchess.dataset_hvp")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -205,6 +244,8 @@ def main() -> None:
     per_sample((10, 16, 3), 256, args.repeat, not args.quick)
     dataset(args.repeat, [64] * 8 + [17])
     dataset(args.repeat, [16] * 32 + [17])
+    dataset_products(args.repeat * 4, [64] * 8 + [17])
+    dataset_products(args.repeat * 4, [16] * 32 + [17])
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def test_dataset_hessian_stacks_batches_up_to_a_flop_budget(
     case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
     f, params = _loss(case, "mean")
     batch = _dataset._Batch(case.inputs[:2], case.targets[:2], 2, 2.0)
-    per_sample = _dataset._forward_flops(f, params, batch)
+    grouping = _dataset._Grouping(f, params, "error", 0.0)
+    grouping.measure(batch)
+    per_sample = grouping.flops
     assert per_sample > 0
     monkeypatch.setattr(_dataset, "_STACK_FLOPS", per_sample * stack_samples)
     stacks: list[int] = []
@@ -185,7 +187,9 @@ def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
     x, y = torch.randn(sum(sizes), 3, dtype=dtype), torch.randint(0, 2, (sum(sizes),))
     ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     batches = [(x[a:b], y[a:b]) for a, b in zip(ends, ends[1:])]
-    per_sample = _dataset._forward_flops(f, params, _dataset._Batch(x[:1], y[:1], 1, 1.0))
+    grouping = _dataset._Grouping(f, params, "error", 0.0)
+    grouping.measure(_dataset._Batch(x[:1], y[:1], 1, 1.0))
+    per_sample = grouping.flops
     saved = _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS
     _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS = group_samples, per_sample * stack_samples
     try:
@@ -195,6 +199,48 @@ def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
     p64 = {k: v.double() for k, v in params.items()}
     f64 = funchess.functional(model.double(), functools.partial(F.cross_entropy, reduction=reduction))[0]
     assert_hessian_close(H, reference_hessian(f64, p64, x.double(), y))
+
+
+@pytest.mark.parametrize("group_bytes", [1, 2**30])  # one batch per group; all batches in one group
+@pytest.mark.parametrize("make", [cases.mlp_ce, cases.conv, cases.layernorm, cases.attention_sdpa, cases.gru])
+def test_dataset_hvp_groups_and_stacks_batches(monkeypatch: pytest.MonkeyPatch, make: Any, group_bytes: int) -> None:
+    from funchess import _dataset
+
+    monkeypatch.setattr(_dataset, "_HVP_GROUP_BYTES", group_bytes)
+    case = make(torch.float64, "cpu")
+    f, params = funchess.functional(case.model, case.loss_fn)
+    n = len(case.inputs)
+    size = 2 if n % 2 == 0 else 1
+    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    got = funchess.ravel(funchess.dataset_hvp(f)(params, v, batches))
+    expected = sum(len(x) / n * funchess.ravel(reference_hvp(lambda p: f(p, x, y), (params,), (v,))) for x, y in batches)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("make", [cases.mlp_ce, cases.conv, cases.layernorm, cases.gru])
+def test_dataset_ggn_vp_groups_and_stacks_batches(make: Any) -> None:
+    case = make(torch.float64, "cpu")
+    f, params = funchess.functional(case.model, case.loss_fn)
+    n = len(case.inputs)
+    size = 2 if n % 2 == 0 else 1
+    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    got = funchess.ravel(funchess.dataset_ggn_vp(f)(params, v, batches))
+    expected = sum(len(x) / n * funchess.ravel(funchess.ggn_vp(f)(params, v, x, y)) for x, y in batches)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_dataset_ggn_vp_of_stacked_batches_without_targets() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    out, params = funchess.functional(model)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    batches = [(x[i : i + 2], None) for i in range(0, 7, 2)]  # 2, 2, 2, 1; the loss takes the output only
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    got = funchess.dataset_ggn_vp(out, loss_fn=lambda z: (z**2).sum(-1).log1p().mean())(params, v, batches)
+    whole = funchess.ggn_vp(out, loss_fn=lambda z: (z**2).sum(-1).log1p().mean())(params, v, x)
+    torch.testing.assert_close(funchess.ravel(got), funchess.ravel(whole), rtol=1e-9, atol=1e-11)
 
 
 def test_dataset_hessian_of_a_non_scalar_loss_says_so_with_stacked_batches() -> None:
