@@ -153,14 +153,17 @@ def batch_by_batch(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def dataset(repeat: int, sizes: list[int]) -> None:
+def dataset_problem(sizes: list[int]) -> tuple[nn.Module, Any, dict[str, torch.Tensor], list[Any], torch.Tensor, torch.Tensor]:
+    """The MLP 20-32-32-5 with MSE, batches of `sizes` samples, and the concatenated data."""
     torch.manual_seed(0)
-    dims = (20, 32, 32, 5)
-    model = mlp(dims)
+    model = mlp((20, 32, 32, 5))
     f, params = funchess.functional(model, F.mse_loss)
-    batches = [(torch.randn(n, dims[0]), torch.randn(n, dims[-1])) for n in sizes]
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
+    batches = [(torch.randn(n, 20), torch.randn(n, 5)) for n in sizes]
+    return model, f, params, batches, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def dataset(repeat: int, sizes: list[int]) -> None:
+    model, f, params, batches, x, y = dataset_problem(sizes)
     N = sum(p.numel() for p in params.values())
     methods: list[tuple[str, Callable[[], Any]]] = [
         ("funchess.dataset_hessian", lambda: funchess.dataset_hessian(f)(params, batches)),
@@ -192,13 +195,7 @@ def dataset(repeat: int, sizes: list[int]) -> None:
 
 def dataset_products(repeat: int, sizes: list[int]) -> None:
     """Data-set Hessian- and GGN-vector products (what iterative solvers call many times)."""
-    torch.manual_seed(0)
-    dims = (20, 32, 32, 5)
-    model = mlp(dims)
-    f, params = funchess.functional(model, F.mse_loss)
-    batches = [(torch.randn(n, dims[0]), torch.randn(n, dims[-1])) for n in sizes]
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
+    model, f, params, batches, x, y = dataset_problem(sizes)
     v = {k: torch.randn_like(p) for k, p in params.items()}
     N = sum(p.numel() for p in params.values())
     methods: list[tuple[str, Callable[[], Any]]] = [

@@ -43,6 +43,15 @@ def test_dataset_hessian_equals_the_concatenated_data_set(make: Any, reduction: 
     snap.assert_unchanged()
 
 
+def _equal_batches(make: Any) -> tuple[Case, Any, Any, list[Any]]:
+    """A float64 case split into batches of equal size (2, or 1 for an odd number of samples)."""
+    case = make(torch.float64, "cpu")
+    f, params = funchess.functional(case.model, case.loss_fn)
+    n = len(case.inputs)
+    size = 2 if n % 2 == 0 else 1
+    return case, f, params, [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
+
+
 def _count_hessian_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Spy on the block engine: one entry per Hessian computed."""
     from funchess import _hessian
@@ -158,11 +167,8 @@ def test_dataset_hessian_with_every_batch_stacked_equals_the_weighted_batch_hess
     from funchess import _dataset
 
     monkeypatch.setattr(_dataset, "_STACK_FLOPS", float("inf"))
-    case = make(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    case, f, params, batches = _equal_batches(make)
     n = len(case.inputs)
-    size = 2 if n % 2 == 0 else 1
-    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
     H = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
     expected = sum(len(x) / n * funchess.to_matrix(reference_hessian(f, params, x, y)) for x, y in batches)
     torch.testing.assert_close(H, expected, rtol=1e-9, atol=1e-11)
@@ -207,11 +213,8 @@ def test_dataset_hvp_groups_and_stacks_batches(monkeypatch: pytest.MonkeyPatch, 
     from funchess import _dataset
 
     monkeypatch.setattr(_dataset, "_HVP_GROUP_BYTES", group_bytes)
-    case = make(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    case, f, params, batches = _equal_batches(make)
     n = len(case.inputs)
-    size = 2 if n % 2 == 0 else 1
-    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
     v = {k: torch.randn_like(p) for k, p in params.items()}
     got = funchess.ravel(funchess.dataset_hvp(f)(params, v, batches))
     expected = sum(len(x) / n * funchess.ravel(reference_hvp(lambda p: f(p, x, y), (params,), (v,))) for x, y in batches)
@@ -220,11 +223,8 @@ def test_dataset_hvp_groups_and_stacks_batches(monkeypatch: pytest.MonkeyPatch, 
 
 @pytest.mark.parametrize("make", [cases.mlp_ce, cases.conv, cases.layernorm, cases.gru])
 def test_dataset_ggn_vp_groups_and_stacks_batches(make: Any) -> None:
-    case = make(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    case, f, params, batches = _equal_batches(make)
     n = len(case.inputs)
-    size = 2 if n % 2 == 0 else 1
-    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
     v = {k: torch.randn_like(p) for k, p in params.items()}
     got = funchess.ravel(funchess.dataset_ggn_vp(f)(params, v, batches))
     expected = sum(len(x) / n * funchess.ravel(funchess.ggn_vp(f)(params, v, x, y)) for x, y in batches)
