@@ -153,6 +153,18 @@ def batch_by_batch(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+def import_curvlinops() -> Any:
+    """The curvlinops module, or None (printed) when it is not installed or broken against this torch."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import curvlinops
+    except Exception as exc:
+        print(f"\n(curvlinops not importable: {type(exc).__name__}: {exc}; comparison skipped)")
+        return None
+    return curvlinops
+
+
 def dataset_problem(sizes: list[int]) -> tuple[nn.Module, Any, dict[str, torch.Tensor], list[Any], torch.Tensor, torch.Tensor]:
     """The MLP 20-32-32-5 with MSE, batches of `sizes` samples, and the concatenated data."""
     torch.manual_seed(0)
@@ -170,18 +182,13 @@ def dataset(repeat: int, sizes: list[int]) -> None:
         ("funchess.dataset_hessian, one Hessian per batch", batch_by_batch(lambda: funchess.dataset_hessian(f)(params, batches))),
         ("funchess.hessian of the concatenated data", lambda: funchess.hessian(f)(params, x, y)),
     ]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from curvlinops import HessianLinearOperator
-    except Exception as exc:  # not installed, or broken against this torch
-        print(f"\n(curvlinops not importable: {type(exc).__name__}: {exc}; comparison skipped)")
-    else:
+    curvlinops = import_curvlinops()
+    if curvlinops is not None:
         plist = list(model.parameters())
         eye = torch.eye(N)
 
         def curv() -> torch.Tensor:
-            op = HessianLinearOperator(model, nn.MSELoss(), plist, batches, progressbar=False, check_deterministic=False)
+            op = curvlinops.HessianLinearOperator(model, nn.MSELoss(), plist, batches, progressbar=False, check_deterministic=False)
             return op @ eye
 
         methods.append(("curvlinops HessianLinearOperator @ I", curv))
@@ -206,16 +213,11 @@ def dataset_products(repeat: int, sizes: list[int]) -> None:
         ("funchess.dataset_ggn_vp, one product per batch", batch_by_batch(lambda: funchess.dataset_ggn_vp(f)(params, v, batches))),
         ("funchess.ggn_vp of the concatenated data", lambda: funchess.ggn_vp(f)(params, v, x, y)),
     ]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from curvlinops import GGNLinearOperator, HessianLinearOperator
-    except Exception as exc:  # not installed, or broken against this torch
-        print(f"\n(curvlinops not importable: {type(exc).__name__}: {exc}; comparison skipped)")
-    else:
+    curvlinops = import_curvlinops()
+    if curvlinops is not None:
         plist, flat_v = list(model.parameters()), funchess.ravel(v)
         ops = {name: cls(model, nn.MSELoss(), plist, batches, progressbar=False, check_deterministic=False)
-               for name, cls in (("Hessian", HessianLinearOperator), ("GGN", GGNLinearOperator))}
+               for name, cls in (("Hessian", curvlinops.HessianLinearOperator), ("GGN", curvlinops.GGNLinearOperator))}
         methods.append(("curvlinops HessianLinearOperator @ v", lambda: ops["Hessian"] @ flat_v))
         methods.append(("curvlinops GGNLinearOperator @ v", lambda: ops["GGN"] @ flat_v))
     rows = [(name, *timeit(fn, repeat)) for name, fn in methods]
