@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._hessian import hessian, hessian_diagonal, hvp
+from ._hessian import hessian, hessian_diagonal
+from ._hvp import hvp
 from ._measure import sync
 from ._models import Problem
 from ._per_sample import per_sample_hessian
@@ -242,7 +243,8 @@ def _grad_func(problem: Problem, _: Any) -> Callable[[], Any]:
 def _funchess_hvp(mode: str) -> Callable[[Problem, Any], Callable[[], Any]]:
     def build(problem: Problem, v: Any) -> Callable[[], Any]:
         loss, params = _loss_of(problem)
-        return lambda: hvp(loss, (params,), (v,), mode=mode)  # type: ignore[arg-type]
+        product = hvp(loss, mode=mode)  # type: ignore[arg-type]
+        return lambda: product(params, v)
 
     return build
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._curvature_operators import HessianOperator
+from ._eigen import EigenResult, SpectralDensity, eigsh, spectral_density
+from ._estimators import TraceEstimate, trace_estimate
 from ._hessian import hessian, plan_hessian
 from ._measure import PeakMemory, Stopwatch, fmt_bytes, fmt_seconds
 from ._models import DEMOS, Problem
-from ._operator import HessianOperator
-from ._spectral import EigenResult, SpectralDensity, TraceEstimate, eigsh, hutchpp_trace, spectral_density
 from ._tree import offsets, to_matrix
 
 #: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture).
@@ -135,14 +136,14 @@ class MatrixFree:
 
 
 def matrix_free(f: Callable[..., Tensor], params: dict[str, Tensor], x: Tensor, y: Tensor, seed: int) -> MatrixFree:
-    """The largest eigenvalue (`funchess.eigsh`, Lanczos), the trace (`funchess.hutchpp_trace`) and
+    """The largest eigenvalue (`funchess.eigsh`, Lanczos), the trace (`funchess.trace_estimate`) and
     the spectral density (`funchess.spectral_density`, stochastic Lanczos quadrature) of the
     Hessian, through `funchess.HessianOperator` (no `N x N` matrix)."""
     op = HessianOperator(f, params, x, y)
     gen = torch.Generator().manual_seed(seed)
     return MatrixFree(
         top=eigsh(op, k=1, which="LA", generator=gen),
-        trace=hutchpp_trace(op, num_hvps=60, generator=gen),
+        trace=trace_estimate(op, num_hvps=60, generator=gen),
         density=spectral_density(op, num_probes=4, num_steps=30, generator=gen),
     )
 
@@ -464,7 +465,7 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         ("largest eigenvalue", f"{float(free.top.eigenvalues[-1]):.8g}",
          f"funchess.eigsh (Lanczos), {free.top.num_hvps} HVPs"),
         ("trace", f"{float(free.trace.value):.6g} ± {float(free.trace.std_error):.2g}",
-         f"funchess.hutchpp_trace, {free.trace.num_hvps} HVPs"),
+         f"funchess.trace_estimate, {free.trace.num_hvps} HVPs"),
         ("spectral density", "in spectrum.png",
          f"funchess.spectral_density (SLQ), {free.density.num_hvps} HVPs"),
     ]

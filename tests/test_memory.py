@@ -182,7 +182,7 @@ def test_probe_counts_flops_like_torch_flop_counter(kind: str) -> None:
     args = (x, x, x) if kind == "attention" else (x,)
     loss = (lambda p: f(p, args, None)) if kind == "attention" else (lambda p: f(p, x, None))
     leaves = list(params.values())
-    cost = funchess._memory.probe(loss, (params,), leaves, lambda ls: (dict(zip(params, ls)),))
+    cost = funchess._memory.probe(loss, leaves, lambda ls: (dict(zip(params, ls)),))
     assert cost.flops == _flop_counter_total(lambda: loss(params)) > 0
     assert (cost.conv_flops > 0) == kind.startswith("conv")
     assert cost.saved_bytes > 0
