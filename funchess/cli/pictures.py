@@ -148,7 +148,7 @@ def plot_hessian(matrix: Tensor, names: Sequence[str], shapes: Sequence[Sequence
                 bx.axhline(o - 0.5, color="#555555", lw=0.5, alpha=0.5)
                 bx.axvline(o - 0.5, color="#555555", lw=0.5, alpha=0.5)
         cut = "" if k == sizes[z] else f", top-left {k}\u00d7{k} of {sizes[z]}\u00d7{sizes[z]}"
-        bx.set_title(rf"zoom: $H_{{ij}}$ in the block $a = b =$ {names[z]}{cut}")
+        bx.set_title(rf"zoom: every entry $H_{{ij}}$ of the block $a = b =$ {names[z]}{cut}")
         bx.set_xlabel(f"$j$ (entry of {names[z]}, {_shape_text(shape)}, row-major)")
         bx.set_ylabel(f"$i$ (entry of {names[z]})")
         for side in ("top", "right"):
