@@ -23,7 +23,7 @@ import torch
 
 import funchess
 from funchess.cli import _device, main
-from funchess.cli.demo import Spectrum, train
+from funchess.cli.demo import Spectrum, hessian_spectrum, train
 from funchess.cli.models import DEMOS
 from funchess.cli.pictures import plot_hessian, plot_spectrum
 from funchess.cli.progress import Bar, drawn
@@ -176,6 +176,12 @@ def test_condition_number_only_where_it_means_something() -> None:
     assert singular.nonzero_ratio == pytest.approx(2000.0)
     regular = Spectrum(torch.tensor([-4.0, 1.0, 2.0], dtype=torch.float64), "test")
     assert regular.near_zero == 0 and regular.condition == pytest.approx(4.0) == regular.nonzero_ratio
+    # a float32 Hessian resolves less: its eigenvalues below ~sqrt(N) eps max |λ| are rounding noise
+    M = torch.diag(torch.tensor([1e-6, 1e-3, 1.0, 2.0] * 25, dtype=torch.float64))
+    assert hessian_spectrum(M).condition == pytest.approx(2e6)
+    coarse = hessian_spectrum(M.float())
+    assert coarse.relative_tolerance == pytest.approx(10 * torch.finfo(torch.float32).eps)
+    assert coarse.near_zero == 25 and coarse.condition is None and coarse.nonzero_ratio == pytest.approx(2e3)
 
 
 # ----------------------------------------------------------------------------- progress bars

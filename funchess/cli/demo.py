@@ -34,7 +34,8 @@ from .models import DEMOS, Problem
 from .pictures import plot_hessian, plot_spectrum
 from .progress import Bar
 
-#: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture).
+#: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture;
+#: more in float32, see `hessian_spectrum`).
 NEAR_ZERO = 1e-7
 
 __all__ = [
@@ -99,10 +100,12 @@ class Spectrum:
     Attributes:
         eigenvalues: all eigenvalues, ascending, float64 on the CPU.
         method: what computed them (shown in the summary and the plot).
+        relative_tolerance: |λ| below this fraction of the largest |λ| is numerically zero.
     """
 
     eigenvalues: Tensor
     method: str
+    relative_tolerance: float = NEAR_ZERO
 
     @property
     def largest(self) -> float:
@@ -114,8 +117,8 @@ class Spectrum:
 
     @property
     def tolerance(self) -> float:
-        """|λ| below this is numerically zero: `NEAR_ZERO` times the largest |λ|."""
-        return NEAR_ZERO * float(self.eigenvalues.abs().max())
+        """|λ| below this is numerically zero: `relative_tolerance` times the largest |λ|."""
+        return self.relative_tolerance * float(self.eigenvalues.abs().max())
 
     @property
     def near_zero(self) -> int:
@@ -149,7 +152,10 @@ def hessian_spectrum(matrix: Tensor) -> Spectrum:
     """
     sym = matrix.detach().to(torch.float64)
     sym = (sym + sym.T) / 2  # exact for funchess Hessians up to rounding; eigvalsh reads one triangle
-    return Spectrum(torch.linalg.eigvalsh(sym).cpu(), "dense eigvalsh (torch.linalg.eigvalsh)")
+    # entries rounded at eps move eigenvalues by about sqrt(N) eps max |λ| (a random-error bound,
+    # far below the worst-case N eps of numerical rank): in float32 that is well above NEAR_ZERO
+    resolution = max(NEAR_ZERO, math.sqrt(matrix.shape[0]) * torch.finfo(matrix.dtype).eps)
+    return Spectrum(torch.linalg.eigvalsh(sym).cpu(), "dense eigvalsh (torch.linalg.eigvalsh)", resolution)
 
 
 @dataclass
@@ -301,7 +307,7 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         ("trace", f"{trace:.8g}"),
         ("largest eigenvalue", f"{spectrum.largest:.8g}"),
         ("smallest eigenvalue", f"{spectrum.smallest:.8g}"),
-        ("near-zero eigenvalues", f"{near_zero} with |λ| < {NEAR_ZERO:.0e} max |λ|"
+        ("near-zero eigenvalues", f"{near_zero} with |λ| < {spectrum.relative_tolerance:.1g} max |λ|"
          + ("; numerically singular, so no condition number" if near_zero else "")),
         spread,
         ("negative eigenvalues", f"{neg} of {N} (below the near-zero band)"),
