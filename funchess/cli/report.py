@@ -65,8 +65,6 @@ class ProblemInfo:
         return self.n * self.hvp_flops
 
 
-
-
 def status_text(res: Result, short: bool = False) -> str:
     t = "" if res.time is None else ("~" if res.extrapolated else "") + fmt_seconds(res.time)
     if res.status == "ok":
