@@ -20,9 +20,8 @@ benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import functools
-
 import argparse
+import functools
 import statistics
 import time
 import warnings

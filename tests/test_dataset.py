@@ -72,7 +72,7 @@ def _count_hessian_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_dataset_hessian_takes_one_hessian_per_group_of_batches(
     monkeypatch: pytest.MonkeyPatch, group_samples: int, reduction: str
 ) -> None:
-    from funchess import _data, _dataset
+    from funchess import _dataset
 
     case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
     f, params = _loss(case, reduction)
@@ -126,7 +126,7 @@ def test_dataset_hessian_splits_a_group_that_does_not_fit(monkeypatch: pytest.Mo
 
 
 def test_dataset_hessian_vmaps_batches_of_equal_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from funchess import _data, _dataset
+    from funchess import _data
 
     stacks: list[int] = []
     loss = _data.Stack.loss
@@ -173,7 +173,7 @@ def test_dataset_hessian_with_every_batch_stacked_equals_the_weighted_batch_hess
     monkeypatch: pytest.MonkeyPatch, make: Any
 ) -> None:
     """f vmapped over stacked batches (or, where it does not vmap, e.g. the GRU, one by one)."""
-    from funchess import _data, _dataset
+    from funchess import _dataset
 
     monkeypatch.setattr(_dataset, "STACK_FLOPS", float("inf"))
     case, f, params, batches = _equal_batches(make)
@@ -219,7 +219,7 @@ def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
 @pytest.mark.parametrize("group_bytes", [1, 2**30])  # one batch per group; all batches in one group
 @pytest.mark.parametrize("make", [cases.mlp_ce, cases.conv, cases.layernorm, cases.attention_sdpa, cases.gru])
 def test_dataset_hvp_groups_and_stacks_batches(monkeypatch: pytest.MonkeyPatch, make: Any, group_bytes: int) -> None:
-    from funchess import _data, _dataset
+    from funchess import _dataset
 
     monkeypatch.setattr(_dataset, "PRODUCT_GROUP_BYTES", group_bytes)
     case, f, params, batches = _equal_batches(make)

@@ -252,7 +252,7 @@ def _runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
 
 
 def test_planner_picks_the_joint_pass_only_where_it_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
-    from funchess._models import make_problem
+    from funchess.cli.models import make_problem
 
     calls = _runs(monkeypatch)
     small = make_problem("mlp-500")

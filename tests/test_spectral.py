@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import re
-
 import sys
 from typing import Any
 
