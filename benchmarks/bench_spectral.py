@@ -195,7 +195,7 @@ def main() -> None:
           f"{hut_m if hut_m is not None else f'> {budgets[-1]}'} (closed form for Hutchinson, "
           f"Rademacher: {m_closed:.0f})")
     if hpp_m is not None:
-        est, t_hpp = timed(lambda: funchess.hutchpp_trace(op, hpp_m, generator=torch.Generator().manual_seed(0)), args.repeats)
+        est, t_hpp = timed(lambda: funchess.trace_estimate(op, hpp_m, generator=torch.Generator().manual_seed(0)), args.repeats)
         print(f"Hutch++ with m = {hpp_m} on the HessianOperator: {float(est.value):.5g} ± {float(est.std_error):.2g} "
               f"(exact {exact_tr:.5g}), {t_hpp:.2f} s (median)")
     m_hut = hut_m or int(m_closed)
