@@ -44,6 +44,7 @@ _MISSING_RULE = re.compile(
     re.IGNORECASE,
 )
 _RANDOM = re.compile(r"random operation while in randomness error mode", re.IGNORECASE)
+_CAPTURED = re.compile(r"would mutate a captured Tensor", re.IGNORECASE)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -152,6 +153,13 @@ def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None
     translated = random_error(call, exc)
     if translated is not None:
         return translated
+    if isinstance(exc, RuntimeError) and _CAPTURED.search(str(exc)):
+        return UnsupportedError(
+            f"{call}: f writes in place into a Tensor it does not differentiate (an argument outside "
+            f"argnums, a buffer, or a tensor it closes over), which torch.func cannot do while it "
+            f"differentiates; expected f to leave such tensors unchanged. Copy the tensor first "
+            f"inside f (e.g. `y = y.clone()` before `y.copy_(x)`), or differentiate it too (argnums)."
+        )
     if missing_rule(exc):
         other = [m for m in FALLBACK_ORDER if m != mode]
         fix = f"Try mode={other[0]!r} or mode='auto', or replace" if mode in FALLBACK_ORDER else "Replace"

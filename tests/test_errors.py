@@ -209,3 +209,15 @@ def test_to_matrix_and_from_matrix_errors() -> None:
         funchess.unravel(torch.zeros(4), {"w": torch.zeros(3)})
     with pytest.raises(StructureError, match=r"funchess\.ravel\(tree\): expected a pytree whose leaves are Tensors"):
         funchess.ravel({"w": 3})
+
+
+def test_in_place_write_into_an_undifferentiated_argument_names_the_fix() -> None:
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y.copy_(x)
+        return (y * x).sum()
+
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): f writes in place into a Tensor it does not differentiate .*Copy the tensor first inside f \(e\.g\. `y = y\.clone\(\)`"):
+        funchess.hessian(f)(torch.randn(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    x = torch.randn(3, dtype=torch.float64)
+    H = funchess.hessian(lambda x, y: f(x, y.clone()))(x, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(H, 2 * torch.eye(3, dtype=torch.float64))
