@@ -291,11 +291,11 @@ def dataset_hvp(
         f: the batch loss `f(params, inputs, targets)`.
         reduction: "mean" (default) or "sum": how f reduces over a batch.
         mode: as for `funchess.hvp`.
+        progress: True, None (only on a terminal) or False (default).
+        randomness: "error" (default) or "different", as for `funchess.dataset_hessian`.
 
     Returns:
         A function `(params, v, data) -> H v` (funchess's product convention).
-        progress: True, None (only on a terminal) or False (default).
-        randomness: "error" (default) or "different", as for `funchess.dataset_hessian`.
 
     Example:
         >>> import torch, funchess
