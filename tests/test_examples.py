@@ -4,12 +4,15 @@ non-zero. All of them start at once, each in its own process with one thread, so
 about the slowest example rather than their sum.
 
 A new example needs no edit here: every `examples/*.py` runs with `--quick` and must exit 0;
-an entry in `EXAMPLES` adds arguments and the lines its output must contain.
+an entry in `EXAMPLES` adds arguments and the lines its output must contain. An example that
+imports an optional package (`OPTIONAL`, e.g. laplace-torch) skips, naming it, where that
+package is not installed.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,6 +35,18 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+#: top-level packages an example may need beyond funchess's `test` extra: missing means skip
+OPTIONAL = {"laplace", "curvlinops", "backpack"}
+
+
+def missing_optional(name: str) -> list[str]:
+    """The optional packages `examples/name` imports that are not installed."""
+    tree = ast.parse((ROOT / "examples" / name).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    return sorted(m for m in imported & OPTIONAL if importlib.util.find_spec(m) is None)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
     tmp = tmp_path_factory.mktemp("examples")
@@ -39,7 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subproc
     env["PYTHONWARNINGS"] = "error::DeprecationWarning:funchess,error::FutureWarning"  # the current API only
     procs = {}
     for name in SCRIPTS:
-        if name in SKIP:
+        if name in SKIP or missing_optional(name):
             continue
         extra = [a.replace("{tmp}", str(tmp)) for a in EXAMPLES.get(name, ([], []))[0]]
         procs[name] = subprocess.Popen(
@@ -63,6 +78,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subproc
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in SKIP])
 def test_example_runs_and_its_checks_pass(name: str, runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    if missing := missing_optional(name):
+        pytest.skip(f"examples/{name} needs {', '.join(missing)}, not installed")
     run = runs[name]
     assert run.returncode == 0, f"examples/{name} exited {run.returncode}:\n{run.stdout}\n{run.stderr}"
     for expected in EXAMPLES.get(name, ([], []))[1]:
