@@ -14,7 +14,8 @@ caught: `F.*`, `torch.*` and `torch.ops.aten.*` (packets and their non-`out` ove
 - `_weight_norm` / `_weight_norm_interface` (`nn.utils.parametrizations.weight_norm` and the old
   `nn.utils.weight_norm` hook): torch's fused kernel has a wrong double backward in the (g, v) block,
   under plain autograd too; it becomes `v * (g / norm_except_dim(v, 2, dim))`, torch's own unfused
-  form. The oracle uses the same composition (see `AUTOGRAD_FIXES`).
+  form, with the norm from elementary operators. The oracle uses the same composition (see
+  `AUTOGRAD_FIXES`).
 - `embedding` with `padding_idx`: reverse mode gives the padding row no gradient, forward mode
   would push its tangent through; the looked-up padding rows are detached so both modes agree with
   plain autograd. `max_norm` renormalises the table in place and is refused (`UnsupportedError`).
@@ -148,7 +149,7 @@ def batch_norm(
     if _uses_running_stats(training, running_mean, running_var):
         # Running statistics make this an affine map of the input, which torch.func differentiates
         # correctly: the original kernel runs.
-        return _PASS
+        return _PASS  # type: ignore[no-any-return]
     return _batch_stats_norm(input, weight, bias, eps)[0]
 
 
@@ -282,14 +283,25 @@ def _torch_instance_norm(
 # ----------------------------------------------------------------------------- weight norm
 
 
+def _norm_except_dim(v: Tensor, dim: int) -> Tensor:
+    """`torch.norm_except_dim(v, 2, dim)` from elementary operators (its `dim=-1`, whole-tensor
+    form has a broken forward-mode rule: "a forward gradient ... of a different size")."""
+    if dim == -1:  # torch's convention: the norm of the whole tensor
+        return (v * v).sum().sqrt()
+    keep = dim % max(v.dim(), 1)
+    dims = tuple(d for d in range(v.dim()) if d != keep)
+    return (v * v).sum(dim=dims, keepdim=True).sqrt()
+
+
 def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
-    """`torch._weight_norm(v, g, dim)` as torch's own unfused form: the fused kernel it uses for
-    `dim` 0 or -1 (`_weight_norm_interface`) has a wrong double backward in the (g, v) block."""
-    return v * (g / torch.norm_except_dim(v, 2, dim))
+    """`torch._weight_norm(v, g, dim)` as torch's own unfused form, `v * (g / ||v||)`: the fused
+    kernel it uses for `dim` 0 or last (`_weight_norm_interface`) has a wrong double backward in
+    the (g, v) block, under plain autograd too."""
+    return v * (g / _norm_except_dim(v, dim))
 
 
 def _weight_norm_interface(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
-    norms = torch.norm_except_dim(v, 2, dim)
+    norms = _norm_except_dim(v, dim)
     return v * (g / norms), norms.detach()  # torch's norms output is not differentiable
 
 
