@@ -48,7 +48,8 @@ from torch.overrides import TorchFunctionMode
 from ._compat import fused_rnn_kernels_off
 from ._errors import UnsupportedError
 
-#: returned by a replacement to let the original operator run (nothing to route around)
+#: returned by a replacement to let the original operator run (nothing to route around); the
+#: replacements that may return it are annotated `-> Any`
 _PASS: Any = object()
 
 
@@ -145,26 +146,12 @@ def batch_norm(
     training: bool = False,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-) -> Tensor:
+) -> Any:
     if _uses_running_stats(training, running_mean, running_var):
         # Running statistics make this an affine map of the input, which torch.func differentiates
         # correctly: the original kernel runs.
-        return _PASS  # type: ignore[no-any-return]
+        return _PASS
     return _batch_stats_norm(input, weight, bias, eps)[0]
-
-
-def _torch_batch_norm(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    cudnn_enabled: bool = True,
-) -> Tensor:
-    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def _native_batch_norm(
@@ -176,9 +163,9 @@ def _native_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Any:
     if _uses_running_stats(training, running_mean, running_var):
-        return _PASS  # type: ignore[no-any-return]
+        return _PASS
     return _batch_stats_norm(input, weight, bias, eps)
 
 
@@ -203,12 +190,18 @@ def _batch_norm_impl_index(
     training: bool,
     momentum: float,
     eps: float,
-    cudnn_enabled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    if _uses_running_stats(training, running_mean, running_var):
-        return _PASS  # type: ignore[no-any-return]
-    out, mean, invstd = _batch_stats_norm(input, weight, bias, eps)
-    return out, mean, invstd, _empty_reserve(input), 0  # 0: torch's index of its native kernel
+    cudnn_enabled: bool = True,
+) -> Any:
+    parts = _native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if parts is _PASS:
+        return _PASS
+    return (*parts, _empty_reserve(input), 0)  # 0: torch's index of its native kernel
+
+
+def _torch_batch_norm(*args: Any, **kwargs: Any) -> Any:
+    """`torch.batch_norm` / `aten.batch_norm`: the arguments of `_batch_norm_impl_index`."""
+    parts = _batch_norm_impl_index(*args, **kwargs)
+    return parts if parts is _PASS else parts[0]
 
 
 def _batch_norm_with_update(
@@ -235,9 +228,9 @@ def _updated_stats(
 def _native_batch_norm_legit_functional(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor, running_var: Tensor,
     training: bool, momentum: float, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Any:
     if not training:
-        return _PASS  # type: ignore[no-any-return]
+        return _PASS
     out, mean, invstd = _batch_stats_norm(input, weight, bias, eps)
     return (out, mean, invstd, *_updated_stats(input, mean, running_mean, running_var, momentum, eps, invstd))
 
@@ -260,9 +253,9 @@ def instance_norm(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
-) -> Tensor:
-    if not use_input_stats:
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+) -> Any:
+    if not use_input_stats:  # running statistics: affine, the original kernel runs
+        return _PASS
     return _per_channel_parts(input, tuple(range(2, input.dim())), weight, bias, eps)[0]
 
 
@@ -276,7 +269,7 @@ def _torch_instance_norm(
     momentum: float,
     eps: float,
     cudnn_enabled: bool = True,
-) -> Tensor:
+) -> Any:
     return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
 
@@ -337,20 +330,20 @@ def embedding(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     sparse: bool = False,
-) -> Tensor:
+) -> Any:
     if max_norm is not None:
         raise _max_norm_refused(f"`F.embedding(..., max_norm={max_norm!r})`")
     if padding_idx is None:
-        return _PASS  # type: ignore[no-any-return]
+        return _PASS
     out = _F_EMBEDDING(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     return _constant_padding(out, input, padding_idx + weight.size(0) if padding_idx < 0 else padding_idx)
 
 
 def _torch_embedding(
     weight: Tensor, indices: Tensor, padding_idx: int = -1, scale_grad_by_freq: bool = False, sparse: bool = False
-) -> Tensor:
+) -> Any:
     if padding_idx < 0:  # torch.embedding's "no padding row"
-        return _PASS  # type: ignore[no-any-return]
+        return _PASS
     out = torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)
     return _constant_padding(out, indices, padding_idx)
 
