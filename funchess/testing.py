@@ -335,6 +335,14 @@ def finite_difference_hvp(
     return out[0] if len(primals) == 1 else out
 
 
+def _least_precise(leaves: list[Tensor]) -> torch.dtype:
+    worst = leaves[0].dtype
+    for leaf in leaves:
+        if tolerance(leaf.dtype)[0] > tolerance(worst)[0]:
+            worst = leaf.dtype
+    return worst
+
+
 def _scale(leaves: list[Tensor]) -> float:
     finite = [leaf.detach().abs().nan_to_num(0.0, 0.0, 0.0).max().item() for leaf in leaves if leaf.numel()]
     return max(finite, default=0.0) or 1.0
@@ -370,11 +378,7 @@ def assert_hessian_close(
         raise AssertionError(f"{prefix}structures differ: actual {a_spec}, expected {e_spec}")
     if not e_leaves:
         return
-    worst = a_leaves[0].dtype
-    for leaf in a_leaves + e_leaves:
-        if tolerance(leaf.dtype)[0] > tolerance(worst)[0]:
-            worst = leaf.dtype
-    d_rtol, d_atol = tolerance(worst)
+    d_rtol, d_atol = tolerance(_least_precise(a_leaves + e_leaves))
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     scale = _scale(e_leaves)
@@ -399,14 +403,6 @@ def assert_hessian_close(
                 f"{e64.reshape(-1)[k].item():.6g} (|diff| {err.reshape(-1)[k].item():.3g} > "
                 f"bound {bound.reshape(-1)[k].item():.3g}; rtol={rtol:g}, atol={atol:g} x scale {scale:.3g})"
             )
-
-
-def _least_precise(leaves: list[Tensor]) -> torch.dtype:
-    worst = leaves[0].dtype
-    for leaf in leaves:
-        if tolerance(leaf.dtype)[0] > tolerance(worst)[0]:
-            worst = leaf.dtype
-    return worst
 
 
 def _with_precision_hint(err: AssertionError, dtype: torch.dtype) -> AssertionError:
@@ -466,21 +462,14 @@ def check_hessian(
         raise _with_precision_hint(err, dtype) from None
 
 
-def _funchess_hvp(f: Callable[..., Tensor], args: tuple[Any, ...], argnums: int | tuple[int, ...], kwargs: dict[str, Any]) -> Callable[..., PyTree]:
+def _funchess_hvp(f: Callable[..., Tensor], argnums: int | tuple[int, ...]) -> Callable[..., PyTree]:
     """`check_hvp`'s default: `funchess.hvp` with respect to the differentiated argument(s)."""
     from ._hessian import hvp
 
-    nums, _, _, _ = _differentiated(args, argnums)
-
     def product(v: PyTree, *point: Any, **kw: Any) -> PyTree:
-        def g(diff: Any) -> Tensor:
-            full = list(point)
-            for i, d in zip(nums, (diff,) if isinstance(argnums, int) else diff):
-                full[i] = d
-            return f(*full, **kw)
-
+        nums, _, rebuild, _ = _differentiated(point, argnums)
         diff = point[nums[0]] if isinstance(argnums, int) else tuple(point[i] for i in nums)
-        return hvp(g, (diff,), (v,))
+        return hvp(lambda d: f(*rebuild(tree_flatten(d)[0]), **kw), (diff,), (v,))
 
     return product
 
@@ -530,7 +519,7 @@ def check_hvp(
     """
     call = "funchess.testing.check_hvp(f, ...)"
     prob = _Flat(f, args, argnums, kwargs, call)
-    product = hvp_fn if hvp_fn is not None else _funchess_hvp(f, args, argnums, kwargs)
+    product = hvp_fn if hvp_fn is not None else _funchess_hvp(f, argnums)
     if tangents is None:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         flat = [torch.randn(prob.x.numel(), generator=gen, dtype=torch.float64).to(prob.x) for _ in range(num_directions)]

@@ -335,7 +335,7 @@ def test_known_mixed_dtype_blocks(transform: str) -> None:
     _mixed(transform)
 
 
-def test_mixed_dtype_blocks_of_jacfwd_keep_their_dtypes() -> None:
+def test_mixed_dtype_blocks_of_jacfwd_match_torch_func() -> None:
     _mixed("jacfwd")
 
 
