@@ -464,12 +464,12 @@ def check_hessian(
 
 def _funchess_hvp(f: Callable[..., Tensor], argnums: int | tuple[int, ...]) -> Callable[..., PyTree]:
     """`check_hvp`'s default: `funchess.hvp` with respect to the differentiated argument(s)."""
-    from ._hessian import hvp
+    from ._hvp import hvp
 
     def product(v: PyTree, *point: Any, **kw: Any) -> PyTree:
         nums, _, rebuild, _ = _differentiated(point, argnums)
         diff = point[nums[0]] if isinstance(argnums, int) else tuple(point[i] for i in nums)
-        return hvp(lambda d: f(*rebuild(tree_flatten(d)[0]), **kw), (diff,), (v,))
+        return hvp(lambda d: f(*rebuild(tree_flatten(d)[0]), **kw))(diff, v)
 
     return product
 

@@ -43,14 +43,14 @@ def _matrix_product(M: torch.Tensor) -> Any:
 
 @pytest.mark.parametrize("mode", ["rev-rev", "fwd-rev"])
 def test_hessian_agrees_with_finite_differences(case64: Case, mode: str) -> None:
-    f, params = funchess.functional(case64.model, case64.loss_fn, params=case64.params)
+    f, params = case64.functional()
     M = funchess.to_matrix(funchess.hessian(f, mode=mode)(params, case64.inputs, case64.targets))
     check_hvp(f, params, case64.inputs, case64.targets, hvp_fn=_matrix_product(M),
               tangents=_directions(params, case64.constant))
 
 
 def test_oracle_agrees_with_finite_differences(case64: Case) -> None:
-    f, params = funchess.functional(case64.model, case64.loss_fn, params=case64.params)
+    f, params = case64.functional()
 
     def oracle(v: Any, p: Any, x: Any, y: Any) -> Any:
         return reference_hvp(lambda q: f(q, x, y), (p,), (v,))

@@ -247,7 +247,7 @@ def test_weight_norm_modules_agree_with_finite_differences(form: str, mode: str,
     f, params = funchess.functional(model, F.mse_loss)
     M = funchess.to_matrix(funchess.hessian(f, mode=mode)(params, x, y))
     check_hvp(f, params, x, y, hvp_fn=_matrix_product(M))
-    check_hvp(f, params, x, y, hvp_fn=lambda v, p, x, y: funchess.hvp(lambda q: f(q, x, y), (p,), (v,), mode=mode))
+    check_hvp(f, params, x, y, hvp_fn=lambda v, p, x, y: funchess.hvp(f, mode=mode)(p, v, x, y))
     check_hvp(f, params, x, y, hvp_fn=lambda v, p, x, y: reference_hvp(lambda q: f(q, x, y), (p,), (v,)))
     snap.assert_unchanged()
 
@@ -324,7 +324,7 @@ def test_embedding_max_norm_is_refused_and_the_model_unchanged(call: str, snapsh
         "hessian fwd-rev": lambda: funchess.hessian(f, mode="fwd-rev")(p, idx, y),
         "hessian blocks": lambda: funchess.hessian(f, blocks="diagonal")(p, idx, y),
         "hessian_diagonal": lambda: funchess.hessian_diagonal(f)(p, idx, y),
-        "hvp": lambda: funchess.hvp(lambda q: f(q, idx, y), (p,), (p,)),
+        "hvp": lambda: funchess.hvp(f)(p, p, idx, y),
         "jacrev": lambda: funchess.jacrev(f)(p, idx, y),
     }
     with pytest.raises(

@@ -27,9 +27,12 @@ import funchess
 D = torch.float64
 
 
-def funchess_hvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
-    """The one place the HVP calling convention lives (`hvp(f)(params, v, *data)` is coming)."""
-    return funchess.hvp(f, primals, tangents)
+def funchess_hvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...], **options: Any) -> Any:
+    """`H v` in torch.func.jvp's convention (a tuple of primals, one of tangents) through
+    funchess's `hvp(f)(params, v)`: the one place the calling convention lives."""
+    if len(primals) == 1:
+        return funchess.hvp(f, **options)(primals[0], tangents[0])
+    return funchess.hvp(lambda p: f(*p), **options)(tuple(primals), tuple(tangents))
 
 
 def torch_func_hvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
@@ -378,6 +381,6 @@ def test_funchess_inside_torch_func_transforms(outer: str) -> None:
 def test_hvp_with_aux_matches_torch_func() -> None:
     f = lambda a: ((a.sin() * a).sum(), {"s": a.sum()})  # noqa: E731
     x = torch.tensor([0.5, -1.0, 2.0], dtype=D)
-    ours = funchess.hvp(f, (x,), (x,), has_aux=True)
+    ours = funchess_hvp(f, (x,), (x,), has_aux=True)
     _, hv, aux = torch.func.jvp(torch.func.grad(f, has_aux=True), (x,), (x,), has_aux=True)
     assert_same(ours, (hv, aux))
