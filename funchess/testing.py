@@ -10,10 +10,9 @@ fast paths and can check them, or any other library's curvature code:
   differences of the plain first-order gradient, independent of every double-backward rule;
 - `assert_hessian_close` with the dtype-keyed `TOLERANCES` table.
 
-The double-backward references route the few operators whose double backward torch itself gets
-wrong (today `torch._weight_norm`, i.e. `nn.utils.parametrizations.weight_norm`) through torch's
-own unfused composition, the one funchess uses too; the finite-difference checks do not depend on
-it, and the suite runs them on every case.
+The double-backward references route the operators whose double backward torch itself gets wrong
+(`AUTOGRAD_FIXES`: weight norm) through torch's own unfused composition; the finite-difference
+checks need no such fix, and the suite runs them on every case.
 
 Example:
     >>> import torch, funchess
@@ -82,9 +81,9 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def finite_difference_tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """The `(rtol, atol)` pair `check_hessian` uses for `dtype`: finite differences are accurate to
-    about `step**2` (truncation) plus `eps / step` (rounding), about a thousand times less than an
-    exact comparison, so both are `1000 * atol` of `TOLERANCES` (at most 0.05).
+    """The `(rtol, atol)` pair `check_hessian` uses for `dtype`: finite differences (truncation
+    `~step**2`, rounding `~eps / step`) are ~1000x less accurate than an exact comparison, so both
+    are `1000 * atol` of `TOLERANCES` (at most 0.05).
 
     Example:
         >>> import torch
@@ -145,10 +144,6 @@ def _scalar(call: str, out: Any) -> Tensor:
     return out
 
 
-def _dtype(leaves: list[Tensor]) -> torch.dtype:
-    return promoted_dtype(leaves)
-
-
 def reference_hessian(
     f: Callable[..., Tensor], *args: Any, argnums: int | tuple[int, ...] = 0, **kwargs: Any
 ) -> PyTree:
@@ -169,7 +164,7 @@ def reference_hessian(
     _, leaves, rebuild, spec = _differentiated(args, argnums)
     shapes = [leaf.shape for leaf in leaves]
     off = offsets(shapes)
-    H = torch.zeros(off[-1], off[-1], dtype=_dtype(leaves), device=leaves[0].device)
+    H = torch.zeros(off[-1], off[-1], dtype=promoted_dtype(leaves), device=leaves[0].device)
     with _plain_autograd():
         loss = _scalar("funchess.testing.reference_hessian(f, ...)", f(*rebuild(leaves), **kwargs))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -271,16 +266,15 @@ class _Flat:
         self.f, self.kwargs, self.call = f, kwargs, call
         self.shapes = [leaf.shape for leaf in self.leaves]
         self.offsets = offsets(self.shapes)
-        self.dtype = _dtype(self.leaves)
+        self.dtype = promoted_dtype(self.leaves)
         self.x = torch.cat([leaf.detach().reshape(-1).to(self.dtype) for leaf in self.leaves])
 
     def split(self, v: Tensor) -> list[Tensor]:
-        off = self.offsets
-        return [v[off[i] : off[i + 1]].reshape(s).to(leaf.dtype) for i, (s, leaf) in enumerate(zip(self.shapes, self.leaves))]
+        o = self.offsets
+        return [v[o[i] : o[i + 1]].reshape(s).to(leaf.dtype) for i, (s, leaf) in enumerate(zip(self.shapes, self.leaves))]
 
     def ravel(self, tree: PyTree) -> Tensor:
-        leaves: list[Any] = self.spec.flatten_up_to(tree)  # type: ignore[arg-type]
-        return torch.cat([torch.as_tensor(t).detach().reshape(-1).to(self.dtype) for t in leaves])
+        return torch.cat([t.detach().reshape(-1).to(self.dtype) for t in self.spec.flatten_up_to(tree)])  # type: ignore[arg-type]
 
     def tree(self, flat: Tensor) -> PyTree:
         return tree_unflatten(self.spec, self.split(flat))
@@ -297,13 +291,9 @@ def _directional(prob: _Flat, v: Tensor, step: float) -> tuple[Tensor, Tensor, f
     """Central differences of the gradient along `v` with steps `h` and `2h`, and the scale of the
     gradients met (for the rounding estimate) and `h` itself; `v` is scaled to max |entry| 1 so
     that `h = step * max(1, max |x|)` is a step in x's own units."""
-    m = float(v.abs().max())
-    u = v / m
-    h = step * max(1.0, _absmax(prob.x))
-    g = [prob.grad(prob.x + k * h * u) for k in (1, -1, 2, -2)]
-    d1 = (g[0] - g[1]) * (m / (2 * h))
-    d2 = (g[2] - g[3]) * (m / (4 * h))
-    return d1, d2, m * max(_absmax(t) for t in g), h
+    m, h = _absmax(v), step * max(1.0, _absmax(prob.x))
+    g = [prob.grad(prob.x + k * h * v / m) for k in (1, -1, 2, -2)]
+    return (g[0] - g[1]) * (m / (2 * h)), (g[2] - g[3]) * (m / (4 * h)), m * max(_absmax(t) for t in g), h
 
 
 def finite_difference_hvp(
@@ -406,12 +396,9 @@ def assert_hessian_close(
 
 
 def _with_precision_hint(err: AssertionError, dtype: torch.dtype) -> AssertionError:
-    if dtype == torch.float64:
-        return err
-    return AssertionError(
-        f"{err}. The check ran in {dtype}, where finite differences are only accurate to about "
-        f"1e-3 of the Hessian's scale: use float64 for a tight check (e.g. `model.double()` and "
-        f"float64 inputs)."
+    return err if dtype == torch.float64 else AssertionError(
+        f"{err}. The check ran in {dtype}, where finite differences are only accurate to about 1e-3 "
+        f"of the Hessian's scale: use float64 for a tight check (e.g. `model.double()` and float64 inputs)."
     )
 
 
@@ -454,10 +441,8 @@ def check_hessian(
     dtype = _least_precise(tree_flatten(actual)[0] + tree_flatten(expected)[0])
     d_rtol, d_atol = finite_difference_tolerance(dtype)
     try:
-        assert_hessian_close(
-            actual, expected, rtol=d_rtol if rtol is None else rtol, atol=d_atol if atol is None else atol,
-            msg="check_hessian vs finite differences",
-        )
+        assert_hessian_close(actual, expected, rtol=d_rtol if rtol is None else rtol, atol=d_atol if atol is None else atol,
+                             msg="check_hessian vs finite differences")
     except AssertionError as err:
         raise _with_precision_hint(err, dtype) from None
 
@@ -517,8 +502,7 @@ def check_hvp(
         >>> check_hvp(lambda p: (p["w"].sin() * p["b"]).sum(),
         ...           {"w": torch.randn(3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)})
     """
-    call = "funchess.testing.check_hvp(f, ...)"
-    prob = _Flat(f, args, argnums, kwargs, call)
+    prob = _Flat(f, args, argnums, kwargs, "funchess.testing.check_hvp(f, ...)")
     product = hvp_fn if hvp_fn is not None else _funchess_hvp(f, argnums)
     if tangents is None:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -537,12 +521,9 @@ def check_hvp(
             expected = (4 * d1 - d2) / 3
             bound = 2 * _absmax(d1 - d2) + rounding * grad_scale / h
         expected_tree = prob.tree(expected)
-        scale = _scale(tree_flatten(expected_tree)[0])
         try:
-            assert_hessian_close(
-                actual, expected_tree, rtol=0.0, atol=bound / scale,
-                msg=f"check_hvp vs finite differences, direction {k}",
-            )
+            assert_hessian_close(actual, expected_tree, rtol=0.0, atol=bound / _scale(tree_flatten(expected_tree)[0]),
+                                 msg=f"check_hvp vs finite differences, direction {k}")
         except AssertionError as err:
             raise _with_precision_hint(err, dtype) from None
 
@@ -567,7 +548,7 @@ def reference_jacobian(f: Callable[..., Any], *args: Any, argnums: int | tuple[i
         out = f(*rebuild(leaves), **kwargs)
         outs, out_spec = tree_flatten(out)
         out_shapes = [o.shape for o in outs]
-        J = torch.zeros(offsets(out_shapes)[-1], offsets(in_shapes)[-1], dtype=_dtype(leaves), device=leaves[0].device)
+        J = torch.zeros(offsets(out_shapes)[-1], offsets(in_shapes)[-1], dtype=promoted_dtype(leaves), device=leaves[0].device)
         row = 0
         for o in outs:
             for k in range(o.numel()):
