@@ -238,9 +238,15 @@ class RandomState:
     @contextlib.contextmanager
     def guard(self, call: str, fix: str | None = None) -> Iterator[None]:
         """Raise an UnsupportedError if the block advanced a generator (e.g. dropout in train
-        mode); the generators are put back as they were, so the failed call draws nothing."""
+        mode); the generators are put back as they were, so a refused call draws nothing (also
+        when an inner call refused first)."""
         before = self._state()
-        yield
+        try:
+            yield
+        except BaseException:
+            if any(not torch.equal(a, b) for a, b in zip(before, self._state())):
+                self._set(before)
+            raise
         after = self._state()
         if any(not torch.equal(a, b) for a, b in zip(before, after)):
             self._set(before)

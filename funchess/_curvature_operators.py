@@ -138,6 +138,7 @@ class HessianOperator(FunctionOperator):
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -196,6 +197,7 @@ class GGNOperator(FunctionOperator):
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
 
 
 class DatasetOperator(FunctionOperator):

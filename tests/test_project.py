@@ -50,7 +50,7 @@ def _core_imports() -> dict[str, set[tuple[str, str]]]:
         names: set[tuple[str, str]] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names.update(((node.module or "", a.name) for a in node.names))
+                names.update((node.module or "", a.name) for a in node.names)
         out[path.stem] = names
     return out
 
