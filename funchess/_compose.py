@@ -94,9 +94,13 @@ def gradient(
 
 @contextlib.contextmanager
 def differentiable() -> Iterator[None]:
-    """Grad mode on and inference mode off: `torch.enable_grad()` alone does not leave
-    `torch.inference_mode()`, under which nothing can be differentiated."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Inference mode off (under `torch.inference_mode()` nothing can be differentiated, and
+    `torch.enable_grad()` alone does not leave it). Grad mode stays the caller's: torch.func's
+    transforms differentiate under an outer `torch.no_grad()` and then return results that carry
+    no graph, as the caller asked; plain-autograd paths turn grad mode on for themselves. (Leaving
+    inference mode turns grad mode on, so the caller's is set back inside.)"""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
         yield
 
 
