@@ -131,7 +131,7 @@ class DatasetProducts:
             self.group_product = lambda params, v, parts: G(params, v, parts, parts)
 
     def __call__(self, here: str, params: PyTree, V: PyTree, data: Iterable[Any], progress: bool | None, *, batched: bool = False) -> PyTree:
-        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"))
+        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
 
         def product(parts: list[Batch | Stack]) -> PyTree:
             if batched:
@@ -236,7 +236,7 @@ def dataset_hessian(
         params = usable(params)
         check_function(here, f)
         check_primals(here, (params,), ["params"])
-        grouping = Grouping(f, params, randomness, STACK_FLOPS)
+        grouping = Grouping(f, params, randomness, STACK_FLOPS, here)
 
         def per_group(group: list[Batch]) -> Tensor:
             parts = grouping.parts(group)

@@ -61,7 +61,7 @@ def split_loss(
     """`(output(params, inputs), loss(output, targets))` from a ModuleFunction or a model function."""
     check_callable(call, f)
     if isinstance(f, ModuleFunction):
-        loss = loss_fn if loss_fn is not None else f.loss_fn
+        loss = loss_fn if loss_fn is not None else (f.loss if f.loss_fn is not None else None)
         output: Callable[[Any, Any], Any] = f.output
     else:
         loss, output = loss_fn, f

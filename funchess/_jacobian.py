@@ -21,6 +21,7 @@ from torch.func import vmap
 from ._checks import (
     ChunkSize,
     argnums_of,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -28,7 +29,7 @@ from ._checks import (
     split_aux,
 )
 from ._compat import inside_transform, jvp, vjp
-from ._compose import check_function, run_modes, usable, with_primals
+from ._compose import check_function, random_errors, run_modes, usable, with_primals
 from ._errors import OutputError
 from ._memory import default_chunk
 from ._tree import basis, blocks_of, chunks, offsets, tree_flatten, tree_unflatten
@@ -36,6 +37,9 @@ from ._tree import basis, blocks_of, chunks, offsets, tree_flatten, tree_unflatt
 __all__ = ["jacrev", "jacfwd", "jac_rev", "jac_fwd"]
 
 PyTree = Any
+#: jacfwd pushes every direction through its own forward, so random numbers differ between the
+#: columns: the fix is the reverse-mode Jacobian, whose one forward draws them once.
+_JACFWD_RANDOM = "the function to funchess.jacrev instead (one forward pass, so one draw of the random numbers)"
 
 
 class _Fill:
@@ -159,7 +163,7 @@ def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has
         h = with_primals(f, args, kwargs, nums)
 
         def checked(*p: Any) -> Any:
-            value, aux = split_aux(here, h(*p), has_aux)
+            value, aux = split_aux(here, call_f(here, h, *p), has_aux)
             for leaf in tree_flatten(value)[0]:
                 if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
                     raise OutputError(
@@ -171,7 +175,11 @@ def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has
 
         inner = primals[0] if single else primals
         engine = jac_fwd if forward else jac_rev
-        J, aux = run_modes(here, name, {name: lambda: engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk)})
+        def run() -> Any:
+            with random_errors(here, _JACFWD_RANDOM if forward else None):
+                return engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk)
+
+        J, aux = run_modes(here, name, {name: run})
         return (J, aux) if has_aux else J
 
     return jac_fn

@@ -120,7 +120,18 @@ class LinearOperator(abc.ABC):
     # ------------------------------------------------------------------ derived
 
     def _mv_flat(self, v: Tensor) -> Tensor:
-        return ravel(self.mv(unravel(v, self.structure))).to(self.dtype)
+        out = self.mv(unravel(v, self.structure))
+        leaves, spec = tree_flatten(out)
+        if spec != self._spec or any(
+            not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(leaves, self._leaves)
+        ):
+            got = f"a Tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"{spec}"
+            raise StructureError(
+                f"funchess.{type(self).__name__}: a product returned {got}; expected a pytree shaped "
+                f"like the operator's structure {self._spec} (the vector it was given). Make the "
+                f"product function return A v with v's structure and shapes."
+            )
+        return ravel(out).to(self.dtype)
 
     def _mm(self, rows: Tensor) -> Tensor:
         """Products with the rows of a `(k, N)` Tensor, `chunk_size` rows per `vmap`."""
@@ -139,6 +150,7 @@ class LinearOperator(abc.ABC):
         n = self.shape[0]
         if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == n:
             self._check_dtype(call, "x", x.dtype, self.dtype)
+            self._check_device(call, "x", x.device)
             if x.dim() == 1:
                 return x.unsqueeze(0), lambda r: r[0], True
             return x.T, lambda r: r.T, False
@@ -164,6 +176,7 @@ class LinearOperator(abc.ABC):
                     f"leading batch size k in all leaves for a batch."
                 )
             self._check_dtype(call, where, a.dtype, b.dtype)
+            self._check_device(call, where, a.device)
         if not batched:
             return ravel(x).to(self.dtype).unsqueeze(0), lambda r: unravel(r[0], self.structure), True
         k = first.shape[0]
@@ -176,6 +189,13 @@ class LinearOperator(abc.ABC):
             raise StructureError(
                 f"{call}: {what} has dtype {got}; expected {want} (the operator's). Convert it "
                 f"with .to({want})."
+            )
+
+    def _check_device(self, call: str, what: str, got: torch.device) -> None:
+        if got != self.device and self.device.type != "meta":  # a flat DenseOperator's structure is meta
+            raise StructureError(
+                f"{call}: {what} is on {got}; expected {self.device} (the operator's). Move it with "
+                f".to('{self.device}')."
             )
 
     def __matmul__(self, x: Any) -> Any:
@@ -361,10 +381,16 @@ class DenseOperator(LinearOperator):
                 f"{call}: expected a square matrix, got shape {tuple(matrix.shape)}. Pass "
                 f"funchess.to_matrix(H) or the Hessian pytree itself."
             )
+        if not matrix.is_floating_point() or matrix.is_complex():
+            raise InvalidArgumentError(
+                f"{call}: expected a real floating-point matrix, got dtype {matrix.dtype}. Convert it "
+                f"(e.g. H.double())."
+            )
         n = matrix.shape[0]
-        if symmetric is None:
-            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(matrix.abs().max()) if n else 0.0
-            symmetric = bool((matrix - matrix.T).abs().max() <= tol) if n else True
+        if symmetric is None:  # non-finite entries are the spectral tools' to refuse, not asymmetry
+            finite = matrix.nan_to_num(0.0, 0.0, 0.0)
+            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(finite.abs().max()) if n else 0.0
+            symmetric = bool((finite - finite.T).abs().max() <= tol) if n else True
         if params is None:
             params = torch.empty(n, dtype=matrix.dtype, device="meta")
         super().__init__(params, symmetric=symmetric, dtype=matrix.dtype, device=matrix.device)
