@@ -42,14 +42,14 @@ from ._checks import (
     relabel,
 )
 from ._compat import inside_transform
-from ._compose import RandomState, check_function, usable
+from ._compose import RandomState, check_function, differentiable, usable
 from ._dataset import DATA_RANDOMNESS, DatasetProducts
 from ._errors import FunchessError, InvalidArgumentError
 from ._ggn import ggn_vp, split_loss
 from ._hvp import hvp
 from ._memory import default_chunk
 from ._operator import FunctionOperator
-from ._tree import chunks, tree_flatten, unravel
+from ._tree import chunks, tree_flatten, tree_map, unravel
 
 __all__ = ["HessianOperator", "GGNOperator", "DatasetOperator"]
 
@@ -67,7 +67,7 @@ def _refuse_loader(call: str, data: tuple[Any, ...]) -> None:
             )
 
 
-def _check_point(call: str, evaluate: Callable[[], Any], randomness: str, params: PyTree) -> None:
+def _check_point(call: str, evaluate: Callable[[PyTree], Any], randomness: str, params: PyTree) -> None:
     """One forward at the operator's point when the operator is made, so that data the model cannot
     take, a loss that is not a scalar or (with randomness="error") random operations are refused
     naming the operator, not at its first product inside a spectral tool. Nothing is differentiated."""
@@ -75,8 +75,8 @@ def _check_point(call: str, evaluate: Callable[[], Any], randomness: str, params
         RandomState(tree_flatten(params)[0][0].device).guard(call)
         if randomness == "error" and not inside_transform() else contextlib.nullcontext()
     )
-    with torch.no_grad(), guard:
-        value = call_f(call, evaluate)
+    with differentiable(), guard:  # at parameters that require grad: an in-place write into them is refused
+        value = call_f(call, evaluate, tree_map(lambda t: t.detach().requires_grad_(True), params))
     check_scalar(call, value)
 
 
@@ -163,7 +163,7 @@ class HessianOperator(FunctionOperator):
             return _told_as(f"{call} @ v", product, params, v, *data)
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
-        _check_point(call, lambda: f(params, *data), randomness, params)
+        _check_point(call, lambda p: f(p, *data), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
 
     @property
@@ -224,7 +224,7 @@ class GGNOperator(FunctionOperator):
             return _told_as(f"{call} @ v", product, params, v, inputs, targets)
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
-        _check_point(call, lambda: loss(output(params, inputs), targets), randomness, params)
+        _check_point(call, lambda p: loss(output(p, inputs), targets), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ._compose import RandomState, random_error
 from ._checks import call_f, relabel
+from ._compose import RandomState, random_error
 from ._errors import FunchessError, InvalidArgumentError, StructureError, UnsupportedError
 from ._functional import ModuleFunction
 from ._memory import measure

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
-
-import re
 
 import torch
 from torch import Tensor, nn

@@ -33,7 +33,7 @@ from torch.func import vjp, vmap
 
 from ._checks import check_callable, check_chunk_size
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
-from ._memory import default_chunk
+from ._memory import budget_of, check_fits, default_chunk
 from ._tree import basis, chunks, offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
 
 __all__ = [
@@ -202,11 +202,13 @@ class LinearOperator(abc.ABC):
         rows, back, _ = self._rows(f"op @ x (op a funchess.{type(self).__name__})", x)
         return back(self._mm(rows))
 
-    def as_matrix(self) -> Tensor:
+    def as_matrix(self, *, max_memory: int | float | str | None = None) -> Tensor:
         """The dense `(N, N)` matrix, `chunk_size` columns at a time (N products in all).
 
         Rows and columns follow `funchess.ravel` order, so for a `HessianOperator` this equals
-        `funchess.to_matrix(funchess.hessian(f)(params, ...))`. Memory: the `N x N` result.
+        `funchess.to_matrix(funchess.hessian(f)(params, ...))`. Memory: the `N x N` result, planned
+        against `max_memory` (bytes or "4GiB"; default 80 % of the device's free memory) before it
+        is allocated: a larger one raises a sized `MemoryBudgetError`.
 
         Example:
             >>> import torch, funchess
@@ -215,6 +217,11 @@ class LinearOperator(abc.ABC):
             tensor([2., 2., 2.])
         """
         n = self.shape[0]
+        call = f"funchess.{type(self).__name__}.as_matrix()"
+        budget, budget_from = budget_of(call, max_memory)
+        check_fits(call, f"the dense ({n:,}, {n:,}) matrix", n * n * self.dtype.itemsize, self.device, budget,
+                   budget_from, "Use products (op @ v), funchess.diagonal, or the spectral tools (funchess.eigsh, "
+                   "funchess.trace_estimate)")
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
         for s, e in chunks(n, self.chunk_size or default_chunk(n, n)):
             out[:, s:e] = self._mm(_basis(s, e, n, self.dtype, self.device)).T
@@ -408,8 +415,8 @@ class DenseOperator(LinearOperator):
     def _mm(self, rows: Tensor) -> Tensor:
         return rows @ self.matrix.T
 
-    def as_matrix(self) -> Tensor:
-        """The wrapped matrix itself (no copy)."""
+    def as_matrix(self, *, max_memory: int | float | str | None = None) -> Tensor:
+        """The wrapped matrix itself (no copy, so nothing to plan)."""
         return self.matrix
 
     def transpose(self) -> LinearOperator:

@@ -8,6 +8,7 @@ the *tree product* of `P` with itself (JAX's convention): the leaf at `H[a][b]` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,10 +54,8 @@ def _register_mapping(cls: type) -> None:
         except Exception:  # a mapping type that cannot be built from a dict
             return data
 
-    try:
+    with contextlib.suppress(ValueError):  # registered meanwhile (another thread)
         optree.register_pytree_node(cls, flatten, unflatten, namespace=_NAMESPACE)  # type: ignore[arg-type]
-    except ValueError:  # registered meanwhile (another thread)
-        pass
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
