@@ -109,7 +109,13 @@ def check_function(call: str, f: Any, *, per_sample: bool = False) -> None:
 def usable(tree: PyTree) -> PyTree:
     """Inference tensors (made under `torch.inference_mode()`) cannot be saved for backward:
     normal copies of them; every other leaf as it is."""
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, tree)
+    def normal(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_inference():
+            return t
+        with torch.inference_mode(False):  # a clone made inside inference mode is an inference tensor
+            return t.clone()
+
+    return tree_map(normal, tree)
 
 
 # ----------------------------------------------------------------------------- running modes

@@ -76,7 +76,7 @@ def _check_point(call: str, evaluate: Callable[[PyTree], Any], randomness: str, 
         if randomness == "error" and not inside_transform() else contextlib.nullcontext()
     )
     with differentiable(), guard:  # at parameters that require grad: an in-place write into them is refused
-        value = call_f(call, evaluate, tree_map(lambda t: t.detach().requires_grad_(True), params))
+        value = call_f(call, evaluate, tree_map(lambda t: (t.clone() if t.is_inference() else t.detach()).requires_grad_(True), params))
     check_scalar(call, value)
 
 

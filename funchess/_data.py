@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._checks import call_f, relabel
-from ._compose import RandomState, random_error
+from ._compose import RandomState, random_error, usable
 from ._errors import FunchessError, InvalidArgumentError, StructureError, UnsupportedError
 from ._functional import ModuleFunction
 from ._memory import measure
@@ -130,7 +130,7 @@ def batches(
                 f"expected data with values. Load the data itself (it is moved to the parameters' "
                 f"device, {device})."
             )
-        moved = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, (inputs, targets))
+        moved = usable(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, (inputs, targets)))
         first = next((t for t in tree_flatten(moved[0])[0] if isinstance(t, Tensor)), None)
         if first is None or first.dim() == 0:
             raise StructureError(
