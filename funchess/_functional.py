@@ -334,16 +334,17 @@ class ModuleFunction:
                 f"targets, got {len(args)} positional and {len(kwargs)} keyword arguments. Call "
                 f"f(params, inputs, targets); pack several model inputs into a tuple or dict."
             )
-        return self.loss(self.output(params, args[0]), args[1] if len(args) > 1 else None)
+        out = self.output(params, args[0])
+        return self.loss(out, args[1]) if len(args) > 1 else self.loss(out)
 
-    def loss(self, out: Any, targets: Any = None) -> Any:
-        """`loss_fn(out, targets)` (`loss_fn(out)` when targets is None), with torch's errors about
-        the targets told as funchess errors naming the fix."""
+    def loss(self, out: Any, *targets: Any) -> Any:
+        """`loss_fn(out, *targets)`, with torch's errors about the targets told as funchess errors
+        naming the fix."""
         assert self.loss_fn is not None
         try:
-            return self.loss_fn(out) if targets is None else self.loss_fn(out, targets)
+            return self.loss_fn(out, *targets)
         except _CAUGHT as exc:
-            error = _loss_error(f"{self!r}(params, inputs, targets)", out, targets, exc)
+            error = _loss_error(f"{self!r}(params, inputs, targets)", out, targets[0] if targets else None, exc)
             if error is None:
                 raise
             raise error from exc
