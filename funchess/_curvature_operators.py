@@ -119,9 +119,15 @@ class HessianOperator(FunctionOperator):
         randomness: "error" (default) refuses an `f` that draws random numbers; "same" draws them
             once (when the operator is made) and replays them in every product.
 
+    The operator evaluates `f` once when it is made (a forward, nothing differentiated), so data
+    the model cannot take, a loss that is not a scalar or random operations are refused there,
+    naming the operator, rather than inside the first product of a spectral tool.
+
     Raises:
         InvalidArgumentError: f is not callable, bad options, params empty or not floating
-            point, or a DataLoader given as data.
+            point, a DataLoader given as data, or data the model cannot take.
+        OutputError: f does not return a scalar.
+        UnsupportedError: f draws random numbers with randomness="error".
 
     Example:
         >>> import torch, funchess
@@ -187,6 +193,9 @@ class GGNOperator(FunctionOperator):
         loss_fn: the loss of `(output, targets)` when `f` is a model-output function.
         chunk_size: vectors per vectorised pass ("auto": bounded automatically).
         randomness: as for `funchess.HessianOperator`.
+
+    Like `funchess.HessianOperator`, it evaluates the loss once when it is made, so bad data or a
+    loss that is not a scalar is refused there.
 
     Example:
         >>> import torch, funchess

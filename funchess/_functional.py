@@ -86,7 +86,7 @@ _DEVICE = re.compile(r"device", re.IGNORECASE)
 _SHAPE = re.compile(
     r"shapes? cannot be multiplied|size mismatch|must match the size|batch_size|expected input\[|"
     r"to have \d+ channels|input\.size\(-1\) must be equal|The size of tensor a|dimension out of range|"
-    r"Expected \d+D|must be Tensor, not|out of bounds|doesn't match the broadcast shape",
+    r"Expected \d+D|must be Tensor, not|out of bounds|index out of range|doesn't match the broadcast shape",
     re.IGNORECASE,
 )
 _CAUGHT = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
@@ -137,7 +137,7 @@ def _model_error(call: str, params: Mapping[str, Tensor], buffers: Mapping[str, 
             f"model's parameters are on {where}; expected one device ({text}). Move the data "
             f"(x.to('{where}')), or the model and its params."
         )
-    if _SHAPE.search(text) or isinstance(exc, TypeError) and "Tensor" in text:
+    if _SHAPE.search(text):
         return StructureError(
             f"{call}: the model cannot run on inputs of shape {_describe(inputs)}; expected inputs "
             f"shaped like a batch the model takes ({text}). Check the inputs' shapes (e.g. the "

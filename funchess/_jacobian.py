@@ -215,7 +215,9 @@ def jacrev(
     `jacrev(f)(*args)` is the tree product of f's output with `args[argnums]`: a leaf of shape
     `(*out.shape, *arg.shape)` per (output leaf, argument leaf). Composition: one `vjp`, then
     `vmap` over chunks of `chunk_size` output basis vectors, written into one preallocated matrix.
-    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian.
+    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian. A function that draws random numbers
+    (dropout in train mode) runs forward once, so the Jacobian is that of one draw, as with
+    `torch.func.jacrev`; `funchess.jacfwd` refuses it (every column would draw anew).
 
     Args:
         f: a function returning a Tensor or a pytree of Tensors (plus aux with `has_aux=True`).
