@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "reduction": "mean",
     "progress": False,
     "loss_fn": None,
+    "curvature": "hessian",
 }
 
 
@@ -371,12 +372,11 @@ def inplace_error(call: str, exc: BaseException) -> FunchessError | None:
             f"form (`p = p * 2` rather than `p.mul_(2)`), or clone it inside f first."
         )
     if "mutate a captured Tensor" in text:
-        op = text.split("in-place operation (", 1)[-1].split(")", 1)[0] if "in-place operation (" in text else "an in-place operation"
         return UnsupportedError(
-            f"{call}: f writes in place ({op}) into a Tensor it did not create, which funchess holds "
-            f"fixed while it differentiates (torch.func cannot write into it); expected f to leave "
-            f"its inputs unchanged. Use the out-of-place form (`x = x * 2` rather than `x.mul_(2)`), "
-            f"or clone the input inside f first."
+            f"{call}: f writes in place into a Tensor it does not differentiate (an argument outside "
+            f"argnums, a buffer, or a tensor it closes over), which torch.func cannot do while it "
+            f"differentiates; expected f to leave such tensors unchanged. Copy the tensor first "
+            f"inside f (e.g. `y = y.clone()` before `y.copy_(x)`), or differentiate it too (argnums)."
         )
     return None
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import scalar_output
+from ._checks import inplace_error, scalar_output
 from ._compat import vjp
 from ._errors import UnsupportedError
 from ._functional import ModuleFunction
@@ -158,6 +158,9 @@ def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None
     translated = random_error(call, exc)
     if translated is not None:
         return translated
+    inplace = inplace_error(call, exc)  # f writing into its inputs (a pass that did not go through call_f)
+    if inplace is not None:
+        return inplace
     if missing_rule(exc):
         other = [m for m in FALLBACK_ORDER if m != mode]
         fix = f"Try mode={other[0]!r} or mode='auto', or replace" if mode in FALLBACK_ORDER else "Replace"
@@ -236,9 +239,15 @@ class RandomState:
     @contextlib.contextmanager
     def guard(self, call: str, fix: str | None = None) -> Iterator[None]:
         """Raise an UnsupportedError if the block advanced a generator (e.g. dropout in train
-        mode); the generators are put back as they were, so the failed call draws nothing."""
+        mode); the generators are put back as they were, so a refused call draws nothing (also
+        when an inner call refused first)."""
         before = self._state()
-        yield
+        try:
+            yield
+        except BaseException:
+            if any(not torch.equal(a, b) for a, b in zip(before, self._state())):
+                self._set(before)
+            raise
         after = self._state()
         if any(not torch.equal(a, b) for a, b in zip(before, after)):
             self._set(before)

@@ -171,6 +171,7 @@ class HessianOperator(FunctionOperator):
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
         _check_point(call, lambda p: f(p, *data), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -235,6 +236,7 @@ class GGNOperator(FunctionOperator):
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
         _check_point(call, lambda p: loss(output(p, inputs), targets), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
 
 
 class DatasetOperator(FunctionOperator):

@@ -193,30 +193,41 @@ def accumulate(
     for `reduction="mean"` (after adding both up across processes, in data-parallel code)."""
     device = tree_flatten(params)[0][0].device
     rng = RandomState(device)
+
+    def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` refusing random numbers (randomness="error"): around the evaluations of f only, since
+        iterating a DataLoader draws from the generator too (its workers' seeds)."""
+        if randomness != "error":
+            return fn
+
+        def run(*args: Any) -> Any:
+            with rng.guard(call, DATA_FIX):
+                return fn(*args)
+
+        return run
+
     total, acc = 0.0, None
-    for group in grouped(
-        (Batch(x, t, n, normaliser(x, t, n) if reduction == "mean" else 1.0) for x, t, n in batches(call, data, device, progress)),
-        group_samples,
-    ):
-        try:
-            if randomness == "error":
-                with rng.guard(call, DATA_FIX):
-                    got = per_group(group)
+    per_group = guarded(per_group)
+    group_samples = guarded(group_samples) if callable(group_samples) else group_samples
+    try:
+        for group in grouped(
+            (Batch(x, t, n, normaliser(x, t, n) if reduction == "mean" else 1.0) for x, t, n in batches(call, data, device, progress)),
+            group_samples,
+        ):
+            got = per_group(group)
+            if acc is None:
+                acc = got
             else:
-                got = per_group(group)
-        except FunchessError as exc:  # an inner transform's error, told as this call's
-            if isinstance(exc, UnsupportedError) and "draws random numbers" in str(exc):
-                error = random_error(call, RuntimeError("random operation while in randomness error mode"), DATA_FIX)
-                assert error is not None
-                raise error from exc
-            if str(exc).startswith(call):
-                raise
-            raise relabel(call, exc) from exc
-        if acc is None:
-            acc = got
-        else:
-            tree_map(lambda a, t: a.add_(t), acc, got)
-        total += sum(batch.weight for batch in group)
+                tree_map(lambda a, t: a.add_(t), acc, got)
+            total += sum(batch.weight for batch in group)
+    except FunchessError as exc:  # an inner transform's error, told as this call's
+        if str(exc).startswith(call):
+            raise
+        if isinstance(exc, UnsupportedError) and "draws random numbers" in str(exc):
+            error = random_error(call, RuntimeError("random operation while in randomness error mode"), DATA_FIX)
+            assert error is not None
+            raise error from exc
+        raise relabel(call, exc) from exc
     if reduction == "mean" and total == 0:
         raise InvalidArgumentError(
             f"{call}: the loss's normaliser over the whole data set is 0 (every target ignored, or all "

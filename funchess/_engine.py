@@ -265,7 +265,7 @@ _TILE = 512
 
 def _mirror(M: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
     """`M[c0:c1, r0:r1] = M[r0:r1, c0:c1].T` in square tiles: a whole-block transposed copy
-    strides through memory and measures ~8x slower than 512 x 512 tiles that stay in cache."""
+    strides through memory; square tiles stay in cache (benchmarks/RESULTS.md)."""
     for i in range(r0, r1, _TILE):
         ie = min(r1, i + _TILE)
         for j in range(c0, c1, _TILE):

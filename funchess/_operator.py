@@ -80,6 +80,10 @@ class LinearOperator(abc.ABC):
                 [1., 3.]])
     """
 
+    #: the randomness of the `vmap` over vectors: "error", or "same" for an operator that replays
+    #: one draw of random numbers in every product (curvature operators with randomness="same")
+    randomness: str = "error"
+
     def __init__(
         self,
         structure: PyTree,
@@ -141,7 +145,7 @@ class LinearOperator(abc.ABC):
         if k == 1:  # no vmap for a single vector: it saves the batching overhead
             return self._mv_flat(rows[0]).unsqueeze(0)
         size = self.chunk_size or default_chunk(k, n)
-        batched = vmap(self._mv_flat)
+        batched = vmap(self._mv_flat, randomness=self.randomness)
         return torch.cat([batched(rows[s:e]) for s, e in chunks(k, size)])
 
     def _rows(self, call: str, x: Any) -> tuple[Tensor, Callable[[Tensor], Any], bool]:
@@ -394,10 +398,12 @@ class DenseOperator(LinearOperator):
                 f"(e.g. H.double())."
             )
         n = matrix.shape[0]
-        if symmetric is None:  # non-finite entries are the spectral tools' to refuse, not asymmetry
+        if symmetric is None:  # NaNs in mirrored places do not make a matrix asymmetric
             finite = matrix.nan_to_num(0.0, 0.0, 0.0)
             tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(finite.abs().max()) if n else 0.0
-            symmetric = bool((finite - finite.T).abs().max() <= tol) if n else True
+            symmetric = (
+                bool((finite - finite.T).abs().max() <= tol and torch.equal(matrix.isnan(), matrix.isnan().T)) if n else True
+            )
         if params is None:
             params = torch.empty(n, dtype=matrix.dtype, device="meta")
         super().__init__(params, symmetric=symmetric, dtype=matrix.dtype, device=matrix.device)

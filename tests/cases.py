@@ -34,6 +34,24 @@ class Case:
         options = {"params": self.params, **self.options, **kwargs}
         return funchess.functional(self.model, self.loss_fn if loss_fn == "case" else loss_fn, **options)
 
+    def reference(self) -> Any:
+        """The nested-loop oracle's Hessian of the case's loss (as `functional()` makes it) at its
+        data, computed once per (case, dtype, device) in a session and shared by every test that
+        compares with it (the cases are deterministic factories)."""
+        import funchess
+        from funchess.testing import reference_hessian
+
+        f, params = self.functional()
+        first = next(iter(params.values()))
+        key = (self.name, first.dtype, str(first.device))
+        if key not in _REFERENCES:
+            _REFERENCES[key] = funchess.to_matrix(reference_hessian(f, params, self.inputs, self.targets))
+        return funchess.from_matrix(_REFERENCES[key].clone(), params)
+
+
+#: The oracle's Hessians, by (case, dtype, device): see `Case.reference`.
+_REFERENCES: dict[tuple[str, torch.dtype, str], Tensor] = {}
+
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

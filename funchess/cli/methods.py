@@ -61,7 +61,7 @@ class Method:
         requires: modules that must be importable (else the method is listed as not installed).
         applies: which problems the method supports at all (e.g. BackPACK's layer whitelist).
         partial: the method can stop after some rows and be extrapolated (the nested loop).
-        loop: one Python-level pass per row or sample (counting its FLOPs is slow, ~10x).
+        loop: one Python-level pass per row or sample (counting its FLOPs is slow).
         core: also run on the largest problems (`CORE_ONLY` in `funchess.cli.bench`, where only the
             default funchess entry and the main peers run).
         unit: the section's unit of time (the gradient in "hvp"): ratios are taken to it.
