@@ -39,6 +39,9 @@ from ._hessian import jacfwd as jacfwd
 from ._hessian import jacrev as jacrev
 from ._hessian import plan_hessian as plan_hessian
 from ._hessian import vhp as vhp
+from ._kfac import KFAC as KFAC
+from ._kfac import KFACLayer as KFACLayer
+from ._kfac import kfac as kfac
 from ._memory import MemoryPlan as MemoryPlan
 from ._operator import DenseOperator as DenseOperator
 from ._operator import FunctionOperator as FunctionOperator
@@ -119,4 +122,8 @@ __all__ = [
     "ggn",
     "ggn_vp",
     "empirical_fisher",
+    # Kronecker-factored curvature
+    "KFAC",
+    "KFACLayer",
+    "kfac",
 ]
