@@ -37,6 +37,7 @@ from torch.func import vmap
 from ._compat import vjp
 from ._errors import InvalidArgumentError, MemoryBudgetError, UnsupportedError
 from ._memory import MemoryPlan, available_bytes, format_bytes, parse_bytes
+from ._safe_ops import SecondOrderSafe
 from ._tree import tree_flatten, tree_unflatten
 
 __all__ = ["FisherType", "LossFactor", "factor_rows", "memory_budget", "check_deterministic", "batch_size"]
@@ -372,7 +373,9 @@ def factor_rows(
         for c0 in range(0, factor.rank, rp.columns):
             S, signs = factor.columns(b0, b1, c0, min(factor.rank, c0 + rp.columns))
             try:
-                rows = batched(chunk, S)
+                # fused attention kernels have no batching rules: the mode sends them to math forms
+                with SecondOrderSafe():
+                    rows = batched(chunk, S)
             except RuntimeError as exc:
                 raise _vmap_error(call, exc) from exc
             yield rows, signs

@@ -170,7 +170,8 @@ class KFAC:
 
     def as_matrix(self) -> Tensor:
         """The dense `(N, N)` block-diagonal matrix (`funchess.ravel` order)."""
-        return torch.block_diag(*[self.block(name) for name in self.structure])
+        dense: Tensor = torch.block_diag(*[self.block(name) for name in self.structure])
+        return dense
 
     def diagonal(self) -> dict[str, Tensor]:
         """The diagonal, shaped like the params (`kron(diag B, diag A)` for a weight)."""

@@ -275,9 +275,15 @@ class _Funchess(CurvatureInterface):
 
         def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
             out, pull = vjp(output, params)
-            _, push = vjp(lambda u: pull(u)[0], torch.zeros_like(out))  # J v as the vjp of the linear pullback
+            def pulled(u: Tensor) -> Any:
+                return pull(u)[0]
+
+            def loss(w: Tensor) -> Tensor:
+                return self.lossfunc(w, y)
+
+            _, push = vjp(pulled, torch.zeros_like(out))  # J v as the vjp of the linear pullback
             (Jv,) = push(v)
-            _, hess = vjp(torch.func.grad(lambda w: self.lossfunc(w, y)), out.detach())
+            _, hess = vjp(torch.func.grad(loss), out.detach())
             (HJv,) = hess(Jv)
             return pull(HJv)[0]  # type: ignore[no-any-return]
 
