@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import funchess
-from cases import CASES, Case
 from funchess.testing import assert_hessian_close, reference_ggn, reference_hessian
+
+from cases import CASES, Case
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 f64 = torch.float64

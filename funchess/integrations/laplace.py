@@ -41,9 +41,17 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, cast
 
 import torch
-from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
-from laplace.utils import Kron
 from torch import Tensor, nn
+
+try:
+    from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
+    from laplace.utils import Kron
+except (ImportError, RuntimeError) as exc:  # RuntimeError: a CUDA torchvision next to a CPU torch
+    raise ImportError(
+        f"funchess.integrations.laplace needs laplace-torch, which failed to import ({exc}). "
+        f"Install it with pip install 'funchess[laplace]'; if the error says 'operator "
+        f"torchvision::nms does not exist', run pip uninstall torchvision (laplace does not use it)."
+    ) from exc
 from torch.func import functional_call
 
 import funchess
