@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
+from torch.utils.flop_counter import FlopCounterMode
 
 from ._compat import vjp
 from ._errors import InvalidArgumentError, MemoryBudgetError, UnsupportedError
@@ -40,7 +41,10 @@ from ._memory import MemoryPlan, available_bytes, format_bytes, parse_bytes
 from ._safe_ops import SecondOrderSafe
 from ._tree import tree_flatten, tree_unflatten
 
-__all__ = ["FisherType", "LossFactor", "factor_rows", "memory_budget", "check_deterministic", "batch_size"]
+__all__ = [
+    "FisherType", "LossFactor", "factor_rows", "ggn_columns", "prefer_columns", "probe", "one_sample",
+    "memory_budget", "check_deterministic", "batch_size",
+]
 
 PyTree = Any
 FisherType = Literal["type-2", "mc", "empirical"]
@@ -250,8 +254,9 @@ def _per_sample_inputs(inputs: Any, B: int) -> tuple[list[Any], list[int | None]
     return leaves, dims, rebuild
 
 
-def _saved_bytes(output_fn: Callable[[dict[str, Tensor], Any], Any], params: dict[str, Tensor], one: Any) -> int:
-    """What autograd saves in one forward of a batch of one (the per-sample activation memory)."""
+def probe(output_fn: Callable[[dict[str, Tensor], Any], Any], params: dict[str, Tensor], one: Any) -> tuple[int, int]:
+    """`(bytes autograd saves, FLOPs)` of one forward of a batch of one: the per-sample activation
+    memory and compute that the memory plans and the choice of route need."""
     total = 0
 
     def pack(t: Tensor) -> Tensor:
@@ -260,9 +265,15 @@ def _saved_bytes(output_fn: Callable[[dict[str, Tensor], Any], Any], params: dic
         return t
 
     fresh = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as flops:
         output_fn(fresh, one)
-    return total
+    return total, int(flops.get_total_flops())
+
+
+def one_sample(inputs: Any, B: int) -> Any:
+    """The first sample of `inputs` as a batch of one."""
+    data, dims, rebuild = _per_sample_inputs(inputs, B)
+    return rebuild([x[0] if d == 0 else x for x, d in zip(data, dims)])
 
 
 @dataclass(frozen=True)
@@ -346,8 +357,7 @@ def factor_rows(
     device = leaves[0].device
     budget, budget_from = memory_budget(call, max_memory, device)
     data, dims, rebuild = _per_sample_inputs(inputs, B)
-    one = rebuild([x[0] if d == 0 else x for x, d in zip(data, dims)])
-    act = _saved_bytes(output_fn, params, one)
+    act, _ = probe(output_fn, params, one_sample(inputs, B))
     rp = plan_rows(
         call, what, act=act, P=P, itemsize=torch.finfo(dtype).bits // 8, B=B, rank=factor.rank,
         output_bytes=output_bytes, budget=budget, budget_from=budget_from, device=device,
@@ -388,7 +398,104 @@ def _vmap_error(call: str, exc: RuntimeError) -> Exception:
             f"{call}: the model draws random numbers (dropout in train mode?) while its samples "
             f"are vectorised; expected a deterministic model. Call model.eval(). ({text})"
         )
+    hint = (
+        " A module has a backward hook (BackPACK's extend(model) leaves them): use a fresh copy of "
+        "the model." if "setup_context" in text else ""
+    )
     return UnsupportedError(
         f"{call}: could not vectorise the model over its samples with torch.func.vmap ({text}). "
-        f"Expected a model whose samples are independent and whose operators have batching rules."
+        f"Expected a model whose samples are independent and whose operators have batching rules.{hint}"
     )
+
+
+# ----------------------------------------------------------------------------- the columns
+
+
+# A vectorised pass of small products runs at a fraction of a large matrix product's FLOP rate;
+# the rows route's cost is mostly one large product, the columns route's mostly such passes
+# (calibrated on benchmarks/bench_laplace.py's problems).
+_PASS_PENALTY = 4.0
+# basis vectors per vectorised product pass: larger passes were slower per column on CPU (their
+# working set leaves the caches; see benchmarks/bench_laplace.py)
+_COLUMNS_PER_PASS = 64
+
+
+def prefer_columns(P: int, B: int, rank: int, flops: int) -> bool:
+    """Whether `G[:, cols]` by GGN-vector products beats summing row outer products.
+
+    Rows: `B * rank` vjps plus `P^2 * B * rank` multiply-adds; columns: per column, a forward-mode
+    and a reverse pass over the batch (about 3 forwards each, `flops` per sample forward).
+    """
+    rows = 2.0 * P * P * B * rank + 2.0 * B * rank * flops
+    columns = _PASS_PENALTY * P * B * 3.0 * flops
+    return columns < rows
+
+
+def ggn_columns(
+    call: str,
+    output_fn: Callable[[dict[str, Tensor], Any], Any],
+    params: dict[str, Tensor],
+    inputs: Any,
+    loss_of: Callable[[Tensor], Tensor],
+    cols: Tensor,
+    *,
+    max_memory: int | float | str | None = None,
+) -> Tensor:
+    """`G[cols][:, cols]` of the GGN `J^T (d^2 loss / dz^2) J` of one batch, by GGN-vector products
+    with the basis vectors `e_c`, a planned chunk of them per `vmap`.
+
+    One linearisation is reused for every chunk: the output's `vjp` (`u -> J^T u`), the `vjp` of
+    that linear map (`v -> J v`, no forward-mode rules needed) and the loss's Hessian w.r.t. the
+    output as the `vjp` of its gradient. Cheaper than the rows when the output is large.
+    """
+    leaves = list(params.values())
+    P, n = sum(p.numel() for p in leaves), len(cols)
+    dtype, device = leaves[0].dtype, leaves[0].device
+    frozen = {k: v.detach() for k, v in params.items()}
+    with SecondOrderSafe():  # `push` differentiates the backward pass: no fused attention kernels
+        z, pull = vjp(lambda p: output_fn(p, inputs), frozen)
+
+        def pulled(u: Tensor) -> Any:
+            return pull(u)[0]
+
+        _, push = vjp(pulled, torch.zeros_like(z))
+        _, hess = vjp(torch.func.grad(loss_of), z.detach())
+    B = z.shape[0]
+    act, _ = probe(output_fn, params, one_sample(inputs, B))
+    budget, budget_from = memory_budget(call, max_memory, device)
+    itemsize = torch.finfo(dtype).bits // 8
+    out_bytes = n * n * itemsize
+    graph = 3 * B * act + _FIXED
+    per_column = 2 * B * act + 2 * z.numel() * z.element_size() + 3 * P * itemsize
+    room = int(_FRACTION * budget) - out_bytes - graph
+    k = max(0, min(n, _COLUMNS_PER_PASS, room // max(per_column, 1)))
+    if k < 1:
+        need = out_bytes + graph + per_column
+        error = MemoryBudgetError(
+            f"{call}: the {n:,} x {n:,} matrix needs at least {format_bytes(need)} on {device} "
+            f"(result {format_bytes(out_bytes)}, the batch's graph {format_bytes(graph)}, one "
+            f"product {format_bytes(per_column)}); expected it to fit the budget of "
+            f"{format_bytes(budget)} ({budget_from}). Pass a larger max_memory, use fewer "
+            f"parameters (last_layer / subnetwork), or a diagonal or Kronecker structure."
+        )
+        error.plan = MemoryPlan(out_bytes, graph, per_column, 1, need, budget, str(device))
+        raise error
+    names = list(frozen)
+    shapes = [frozen[name].shape for name in names]
+    sizes = [frozen[name].numel() for name in names]
+
+    def column(e: Tensor) -> Tensor:
+        v = {name: part.reshape(shape) for name, part, shape in zip(names, e.split(sizes), shapes)}
+        (Jv,) = push(v)
+        (HJv,) = hess(Jv)
+        g = pulled(HJv)
+        return torch.cat([g[name].reshape(-1) for name in names])[cols]
+
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    batched = vmap(column)
+    for c0 in range(0, n, k):  # G is symmetric: column c is row c, written contiguously
+        c1 = min(n, c0 + k)
+        basis = torch.zeros(c1 - c0, P, dtype=dtype, device=device)
+        basis[torch.arange(c1 - c0, device=device), cols[c0:c1]] = 1.0
+        out[c0:c1] = batched(basis)
+    return out

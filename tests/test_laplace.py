@@ -125,6 +125,34 @@ def test_diag_is_full_diagonal_and_batches_add_up(which: str) -> None:
     torch.testing.assert_close(backend.diag(x[:4], y[:4])[1] + backend.diag(x[4:], y[4:])[1], d, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("route", ["rows", "columns"])
+@pytest.mark.parametrize("sub", [False, True])
+def test_full_ggn_routes_agree(route: str, sub: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGN's `full` sums row outer products or takes GGN-vector products with basis vectors,
+    whichever the FLOP estimate prefers; both equal laplace's torch.func route."""
+    import funchess.integrations.laplace as integration
+
+    monkeypatch.setattr(integration, "prefer_columns", lambda *args: route == "columns")
+    for kind, likelihood in (("conv", "classification"), ("mlp", "regression")):
+        model = _model(kind)
+        x, y = _data(kind, likelihood)
+        idx = torch.LongTensor([40, 3, 7, 0, 50]) if sub else None
+        ours = FunchessGGN(model, likelihood, subnetwork_indices=idx)
+        expected = GGNInterface.full(CurvlinopsGGN(model, likelihood, subnetwork_indices=idx), x, y)[1]  # type: ignore[arg-type]
+        torch.testing.assert_close(ours.full(x, y)[1], expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+    if route == "columns":
+        with pytest.raises(funchess.MemoryBudgetError, match=r"FunchessGGN.full\(x, y\): the 51 x 51 matrix needs at least .*one product"):
+            FunchessGGN(_model("mlp"), "classification", max_memory="1KiB").full(*_data("mlp", "classification"))
+
+
+def test_route_choice() -> None:
+    from funchess._ggn_factor import prefer_columns
+
+    assert prefer_columns(7272, 32, 200, 2 * 7272)  # many outputs: products with basis vectors
+    assert not prefer_columns(2058, 64, 10, 2 * 2058)  # an MLP with 10 classes: rows
+    assert not prefer_columns(2230, 64, 10, 100_000)  # a conv net: rows
+
+
 def test_subnetwork_and_last_layer() -> None:
     model = _model("mlp")
     x, y = _data("mlp", "classification")

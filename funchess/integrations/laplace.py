@@ -58,7 +58,15 @@ import funchess
 
 from .._compat import vjp
 from .._errors import InvalidArgumentError, UnsupportedError
-from .._ggn_factor import LossFactor, check_deterministic, factor_rows
+from .._ggn_factor import (
+    LossFactor,
+    check_deterministic,
+    factor_rows,
+    ggn_columns,
+    one_sample,
+    prefer_columns,
+    probe,
+)
 
 __all__ = ["FunchessGGN", "FunchessEF", "FunchessHessian"]
 
@@ -198,13 +206,21 @@ class _Funchess(CurvatureInterface):
         call = self._label("full")
         self._check(call, kwargs)
         P = self._size()
+        if self._kind == "type-2":  # the GGN: by products with basis vectors when that is cheaper
+            output_fn, inputs, z = self._problem(x)
+            params, idx = self._subnetwork(self._params())
+            _, flops = probe(output_fn, params, one_sample(inputs, len(y)))
+            if prefer_columns(P, len(y), z[0].numel(), flops):
+                cols = idx if idx is not None else torch.arange(P, device=z.device)
+                G = ggn_columns(call, output_fn, params, inputs, lambda w: self.lossfunc(w, y), cols, max_memory=self.max_memory)
+                return self.factor * self.lossfunc(z, y).detach(), G.mul_(self.factor)
         H: Tensor | None = None
         for rows, signs, _ in self._rows(call, f"the {P:,} x {P:,} matrix", x, y, P * P * self._itemsize()):
             flat = rows.reshape(-1, rows.shape[-1])
             weighted = flat if signs is None else flat * signs.reshape(-1, 1).to(flat.dtype)
             H = weighted.T @ flat if H is None else H.addmm_(weighted.T, flat)
         assert H is not None
-        return self.factor * self._loss, self.factor * H
+        return self.factor * self._loss, H.mul_(self.factor)
 
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * diagonal)`, `(P,)`, without (batch, outputs, params) Jacobians."""
