@@ -13,7 +13,8 @@ with `J_n` the Jacobian of sample `n`'s output w.r.t. the parameters and `sigma_
   exact);
 - "mc" (the Monte-Carlo Fisher): sampled columns with `E[s s^T] = d^2 L / dz_n^2` (MSE and
   cross-entropy only: the likelihood must be known to sample from it);
-- "empirical": one column, the gradient of sample `n`'s own loss w.r.t. its output.
+- "empirical": one column, the gradient of sample `n`'s own loss w.r.t. its output;
+- "jacobian": the identity, so the rows are those of the Jacobian `J_n` itself.
 
 `LossFactor` holds the columns (computed per chunk of samples, so a (B, C, C) factor is never
 formed at once); `factor_rows` yields the rows `J_n^T s_nc` (per-sample `vjp`s `vmap`ped over
@@ -123,7 +124,7 @@ class LossFactor:
                 f"got {getattr(loss_fn, '__name__', type(loss_fn).__name__)}. Use "
                 f"fisher_type='type-2' (exact for any loss)."
             )
-        self.rank = {"type-2": self.C, "mc": mc_samples, "empirical": 1}[kind]
+        self.rank = {"type-2": self.C, "mc": mc_samples, "empirical": 1, "jacobian": self.C}[kind]
         self.signed = kind == "type-2" and self.known is None
         self._grad: Tensor | None = None
 
@@ -151,6 +152,9 @@ class LossFactor:
         z = self.z[b0:b1].reshape(b1 - b0, self.C)
         if self.kind == "empirical":
             return self._empirical(b0, b1), None
+        if self.kind == "jacobian":  # the identity: the rows are the Jacobian's rows
+            eye = torch.eye(self.C, dtype=z.dtype, device=z.device)[:, c0:c1]
+            return eye.expand(b1 - b0, self.C, c1 - c0), None
         if self.known is None:
             S, signs = self._eigen(b0, b1)
             return S[:, :, c0:c1], signs[:, c0:c1]
@@ -340,9 +344,10 @@ def factor_rows(
     output_bytes: int,
     max_memory: int | float | str | None = None,
     sample_chunk_size: int | str = "auto",
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield `(rows, signs)` chunk by chunk: `rows[i, j]` is `J_n^T s_nc` flattened over `params`
-    (in their order) for the chunk's sample `i` and column `j`; `signs` matches `rows.shape[:2]`.
+) -> Iterator[tuple[Tensor, Tensor | None, tuple[int, int]]]:
+    """Yield `(rows, signs, (b0, c0))` chunk by chunk: `rows[i, j]` is `J_n^T s_nc` flattened over
+    `params` (in their order) for sample `n = b0 + i` and column `c = c0 + j`; `signs` matches
+    `rows.shape[:2]` (None: all +1). Chunks run over the columns within each chunk of samples.
 
     `output_fn(params, inputs)` is the model's output on a batch (a Tensor with the samples along
     dim 0); parameters missing from `params` keep their values. Raises `MemoryBudgetError` (sized)
@@ -388,7 +393,7 @@ def factor_rows(
                     rows = batched(chunk, S)
             except RuntimeError as exc:
                 raise _vmap_error(call, exc) from exc
-            yield rows, signs
+            yield rows, signs, (b0, c0)
 
 
 def _vmap_error(call: str, exc: RuntimeError) -> Exception:

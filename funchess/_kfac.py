@@ -210,12 +210,10 @@ class KFAC:
         return out
 
     def __matmul__(self, v: Any) -> Any:
-        if isinstance(v, Tensor) and v.dim() == 1:
-            flat: list[Tensor] = []
+        if isinstance(v, Tensor) and v.dim() == 1:  # a funchess.ravel-ed vector
             parts = v.split([p.numel() for p in self.structure.values()])
             out = self.mv({k: x.reshape(p.shape) for (k, p), x in zip(self.structure.items(), parts)})
-            flat = [t.reshape(-1) for t in out.values()]
-            return torch.cat(flat)
+            return torch.cat([t.reshape(-1) for t in out.values()])
         return self.mv(v)
 
     def __add__(self, other: KFAC) -> KFAC:
@@ -547,7 +545,7 @@ def _exact_blocks(call: str, f: ModuleFunction, params: dict[str, Tensor], input
     sizes = [p.numel() for p in params.values()]
     blocks = [torch.zeros(n, n, dtype=factor.z.dtype, device=factor.z.device) for n in sizes]
     itemsize = factor.z.element_size()
-    for rows, signs in factor_rows(
+    for rows, signs, _ in factor_rows(
         call, f.output, params, inputs, factor, what=f"the exact blocks of {len(params)} parameter(s)",
         output_bytes=sum(n * n for n in sizes) * itemsize, max_memory=max_memory,
     ):

@@ -165,17 +165,17 @@ class _Funchess(CurvatureInterface):
         num = getattr(self, "num_samples", 1)
         return LossFactor(call, self.lossfunc, z, y, kind=self._kind, mc_samples=num, generator=self.generator)
 
-    def _rows(self, call: str, what: str, x: Any, y: Tensor, output_bytes: int) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
-        """Yield `(rows, signs, subnetwork_indices)` per chunk; then the loss is `self._loss`."""
+    def _rows(self, call: str, what: str, x: Any, y: Tensor, output_bytes: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Yield `(rows, signs)` per chunk (subnetwork columns only); then the loss is `self._loss`."""
         output_fn, inputs, z = self._problem(x)
         params, idx = self._subnetwork(self._params())
         factor = self._factor(call, z, y)
         self._loss = self.lossfunc(z, y).detach()
-        for rows, signs in factor_rows(
+        for rows, signs, _ in factor_rows(
             call, output_fn, params, inputs, factor, what=what, output_bytes=output_bytes,
             max_memory=self.max_memory, sample_chunk_size=self.sample_chunk_size,
         ):
-            yield rows if idx is None else rows[..., idx], signs, idx
+            yield rows if idx is None else rows[..., idx], signs
 
     def _size(self) -> int:
         idx = self.subnetwork_indices
@@ -193,7 +193,7 @@ class _Funchess(CurvatureInterface):
         P = self._size()
         diag: Tensor | None = None
         what = f"the diagonal of {P:,} parameters"
-        for rows, signs, _ in self._rows(call, what, x, y, P * self._itemsize()):
+        for rows, signs in self._rows(call, what, x, y, P * self._itemsize()):
             sq = rows.square() if signs is None else rows.square() * signs.unsqueeze(-1).to(rows.dtype)
             piece = sq.sum((0, 1))
             diag = piece if diag is None else diag + piece
@@ -215,7 +215,7 @@ class _Funchess(CurvatureInterface):
                 G = ggn_columns(call, output_fn, params, inputs, lambda w: self.lossfunc(w, y), cols, max_memory=self.max_memory)
                 return self.factor * self.lossfunc(z, y).detach(), G.mul_(self.factor)
         H: Tensor | None = None
-        for rows, signs, _ in self._rows(call, f"the {P:,} x {P:,} matrix", x, y, P * P * self._itemsize()):
+        for rows, signs in self._rows(call, f"the {P:,} x {P:,} matrix", x, y, P * P * self._itemsize()):
             flat = rows.reshape(-1, rows.shape[-1])
             weighted = flat if signs is None else flat * signs.reshape(-1, 1).to(flat.dtype)
             H = weighted.T @ flat if H is None else H.addmm_(weighted.T, flat)
@@ -229,6 +229,33 @@ class _Funchess(CurvatureInterface):
         loss, d = self._curvature_diagonal(call, x, y)
         return self.factor * loss, self.factor * d
 
+    def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """`(Js, f)`: the Jacobians `(B, C, P)` of the outputs w.r.t. the parameters (subnetwork
+        columns only when set) and the outputs `(B, C)`, for laplace's GLM predictive.
+
+        One sample at a time (per-sample `vjp`s `vmap`ped over chunks of samples and the `C`
+        output directions), so the cost grows linearly with the batch (laplace's own `jacobians`
+        takes `jacrev` of the whole batch's output: every row is a backward pass of the whole
+        batch). With `enable_backprop=True` (gradients through `Js` w.r.t. the inputs) this is
+        laplace's own.
+        """
+        if enable_backprop:
+            return super().jacobians(x, enable_backprop=True)
+        call = self._label("jacobians", "x")
+        check_deterministic(call, self.model, "error")
+        output_fn, inputs, z = self._problem(x)
+        params, idx = self._subnetwork(self._params())
+        factor = LossFactor(call, lambda w: w.sum(), z, None, kind="jacobian")
+        P, (B, C) = self._size(), (z.shape[0], z[0].numel())
+        J = torch.empty(B, C, P, dtype=z.dtype, device=z.device)
+        for rows, _, (b0, c0) in factor_rows(
+            call, output_fn, params, inputs, factor, what=f"the ({B}, {C}, {P:,}) Jacobians",
+            output_bytes=B * C * P * self._itemsize(), max_memory=self.max_memory,
+            sample_chunk_size=self.sample_chunk_size,
+        ):
+            J[b0 : b0 + rows.shape[0], c0 : c0 + rows.shape[1]] = rows if idx is None else rows[..., idx]
+        return J, z
+
     def gradients(self, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         """`(Gs, loss)`: per-sample gradients `(B, P)` of the summed loss (each sample's own loss),
         and the loss; unscaled, as laplace's. Works with dict inputs too."""
@@ -238,7 +265,7 @@ class _Funchess(CurvatureInterface):
         try:
             P = self._size()
             out = len(y) * P * self._itemsize()
-            parts = [rows[:, 0] for rows, _, _ in self._rows(call, f"gradients of {P:,} parameters", x, y, out)]
+            parts = [rows[:, 0] for rows, _ in self._rows(call, f"gradients of {P:,} parameters", x, y, out)]
         finally:
             self._kind = kind
         return torch.cat(parts), self._loss
@@ -463,7 +490,7 @@ class FunchessEF(_Funchess, EFInterface):
 
     def _product(self, output_fn: OutputFn, inputs: Any, z: Tensor, y: Tensor, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
         factor = LossFactor(self._label("eig_lowrank", "data_loader"), self.lossfunc, z, y, kind="empirical")
-        rows = torch.cat([r[:, 0] for r, _ in factor_rows(
+        rows = torch.cat([r[:, 0] for r, _, _ in factor_rows(
             self._label("eig_lowrank", "data_loader"), output_fn, params, inputs, factor,
             what="per-sample gradients", output_bytes=0, max_memory=self.max_memory,
         )])
