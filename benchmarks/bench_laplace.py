@@ -27,7 +27,6 @@ import copy
 import gc
 import importlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_per_sample import _peak_mib  # noqa: E402
+
 from funchess.integrations.laplace import FunchessGGN  # noqa: E402
 
 laplace = importlib.import_module("laplace")
@@ -100,18 +102,6 @@ def fit(backend: Any, structure: str, model: nn.Module, loader: DataLoader[Any],
 def precision(la: Any) -> torch.Tensor:
     P = la.posterior_precision
     return P.to_matrix() if hasattr(P, "to_matrix") else P
-
-
-def _peak_mib() -> float:
-    """Peak RSS of this process: VmHWM (Linux; ru_maxrss would carry the parent's peak over exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_of(spec: str) -> None:

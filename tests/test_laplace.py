@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -151,6 +153,22 @@ def test_route_choice() -> None:
     assert prefer_columns(7272, 32, 200, 2 * 7272)  # many outputs: products with basis vectors
     assert not prefer_columns(2058, 64, 10, 2 * 2058)  # an MLP with 10 classes: rows
     assert not prefer_columns(2230, 64, 10, 100_000)  # a conv net: rows
+
+
+@given(
+    n=st.integers(1, 9), chunk=st.one_of(st.just("auto"), st.integers(1, 8)), regression=st.booleans(),
+    dtype=st.sampled_from([f64, torch.float32]), which=st.sampled_from(["ggn", "ef"]),
+)
+def test_chunked_rows_equal_laplace(n: int, chunk: Any, regression: bool, dtype: torch.dtype, which: str) -> None:
+    likelihood = "regression" if regression else "classification"
+    model = _model("mlp", dtype)
+    x, y = _data("mlp", likelihood, n=n, dtype=dtype)
+    ours = OURS[which](model, likelihood, sample_chunk_size=chunk)
+    theirs = THEIRS[which](model, likelihood)
+    H = _exact_full(which, theirs, x, y)
+    _close(ours.diag(x, y)[1], H.diagonal(), dtype)
+    _close(ours.full(x, y)[1], H, dtype)
+    _close(ours.jacobians(x)[0], CurvatureInterface.jacobians(theirs, x)[0], dtype)
 
 
 def test_subnetwork_and_last_layer() -> None:

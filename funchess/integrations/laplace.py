@@ -81,6 +81,24 @@ class _Funchess(CurvatureInterface):
 
     _kind = "type-2"  # which factor of the loss: "type-2" (GGN), "mc", "empirical"
 
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        *,
+        max_memory: int | float | str | None = None,
+        sample_chunk_size: int | str = "auto",
+        chunk_size: int | str = "auto",
+        low_rank: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        CurvatureInterface.__init__(self, model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self._setup(max_memory, sample_chunk_size, chunk_size, low_rank, generator)
+
     def _setup(
         self,
         max_memory: int | float | str | None,
@@ -413,11 +431,11 @@ class FunchessGGN(_Funchess, GGNInterface):
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: laplace's.
         stochastic: the Monte-Carlo Fisher (`num_samples` labels per sample) instead of the GGN.
         num_samples: labels drawn per sample when `stochastic`.
-        max_memory: the memory budget (bytes or "4GiB"; default 80 % of the free memory).
-        sample_chunk_size: samples per vectorised pass ("auto": planned against the budget).
-        chunk_size: unused here (Hessian rows per pass in `FunchessHessian`).
-        low_rank: eigenpairs for `eig_lowrank`.
-        generator: the `torch.Generator` for the MC Fisher's draws and Lanczos's start.
+        **options: keyword-only, shared by the three backends: `max_memory` (the memory budget,
+            bytes or "4GiB"; default 80 % of the free memory), `sample_chunk_size` (samples per
+            vectorised pass; "auto" plans it against the budget), `chunk_size` (Hessian rows per
+            pass, `FunchessHessian`), `low_rank` (eigenpairs for `eig_lowrank`), `generator` (the
+            `torch.Generator` for the MC Fisher's draws and Lanczos's start).
 
     Example:
         >>> import torch
@@ -439,17 +457,10 @@ class FunchessGGN(_Funchess, GGNInterface):
         dict_key_y: str = "labels",
         stochastic: bool = False,
         num_samples: int = 1,
-        *,
-        max_memory: int | float | str | None = None,
-        sample_chunk_size: int | str = "auto",
-        chunk_size: int | str = "auto",
-        low_rank: int = 10,
-        generator: torch.Generator | None = None,
+        **options: Any,
     ) -> None:
-        GGNInterface.__init__(
-            self, model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, stochastic, num_samples
-        )
-        self._setup(max_memory, sample_chunk_size, chunk_size, low_rank, generator)
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **options)
+        self.stochastic, self.num_samples = stochastic, num_samples  # what GGNInterface.__init__ sets
         self._kind = "mc" if stochastic else "type-2"
 
 
@@ -469,24 +480,6 @@ class FunchessEF(_Funchess, EFInterface):
     """
 
     _kind = "empirical"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str,
-        last_layer: bool = False,
-        subnetwork_indices: torch.LongTensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        *,
-        max_memory: int | float | str | None = None,
-        sample_chunk_size: int | str = "auto",
-        chunk_size: int | str = "auto",
-        low_rank: int = 10,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        EFInterface.__init__(self, model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self._setup(max_memory, sample_chunk_size, chunk_size, low_rank, generator)
 
     def _product(self, output_fn: OutputFn, inputs: Any, z: Tensor, y: Tensor, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
         factor = LossFactor(self._label("eig_lowrank", "data_loader"), self.lossfunc, z, y, kind="empirical")
@@ -517,24 +510,6 @@ class FunchessHessian(_Funchess):
         >>> bool(torch.allclose(H, H.T, atol=1e-5))
         True
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str,
-        last_layer: bool = False,
-        subnetwork_indices: torch.LongTensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        *,
-        max_memory: int | float | str | None = None,
-        sample_chunk_size: int | str = "auto",
-        chunk_size: int | str = "auto",
-        low_rank: int = 10,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        CurvatureInterface.__init__(self, model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self._setup(max_memory, sample_chunk_size, chunk_size, low_rank, generator)
 
     def _loss_fn(self, x: Any, y: Tensor) -> tuple[Callable[[dict[str, Tensor]], Tensor], Tensor]:
         output_fn, inputs, z = self._problem(x)
