@@ -335,6 +335,10 @@ def _patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 def _input_covariance(layer: _Layer, approx: str, num_data: int) -> Tensor:
+    if not layer.inputs:  # a layer the forward never called: it has no curvature
+        w = layer.module.weight
+        d = w[0].numel()
+        return torch.zeros(d, d, dtype=w.dtype, device=w.device)
     A: Tensor | None = None
     for x in layer.inputs:
         if isinstance(layer.module, nn.Conv2d):

@@ -314,6 +314,21 @@ def test_reflect_padding_single_position_is_exact() -> None:
     assert_hessian_close(K.block("weight"), H[:150, :150])
 
 
+def test_unused_layer_has_zero_factors() -> None:
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(4, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(x)
+
+    f, params = funchess.functional(Skip().to(f64), F.mse_loss)
+    K = funchess.kfac(f)(params, _data(4, 3), _data(4, 2, seed=1))
+    assert K.layers["unused"].A.abs().sum() == 0 and K.layers["unused"].B.abs().sum() == 0
+    assert K.layers["unused"].A.shape == (4, 4) and K.layers["unused"].B.shape == (5, 5)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
