@@ -26,6 +26,7 @@ import argparse
 import copy
 import gc
 import importlib
+import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -187,7 +188,7 @@ def main() -> None:
     if args.peak_of is not None:
         peak_of(args.peak_of)
         return
-    print(f"torch {torch.__version__}, laplace {getattr(laplace, '__version__', '?')}, "
+    print(f"torch {torch.__version__}, laplace-torch {importlib.metadata.version('laplace-torch')}, "
           f"{torch.get_num_threads()} thread(s), repeat {args.repeat}, backends {list(backends())}")
     for name in (args.only.split(",") if args.only else ["mlp", "conv", "many"]):
         for structure in STRUCTURES if name != "many" else ("diag", "kron", "full"):
