@@ -7,6 +7,7 @@ in; without it the build tests skip and say so. The snippets need only funchess.
 
 from __future__ import annotations
 
+import ast
 import html
 import os
 import re
@@ -58,10 +59,22 @@ def test_the_site_builds_strict_with_every_page(site: Path) -> None:
     assert listed <= set(pages(nav)), f"pages missing from the nav in mkdocs.yml: {sorted(listed - set(pages(nav)))}"
 
 
+def _integrations() -> list[str]:
+    """`funchess.integrations.X.NAME` for every name in the `__all__` of each adapter, read from
+    the source (importing an adapter needs its optional package)."""
+    names = []
+    for path in sorted((ROOT / "funchess" / "integrations").glob("[!_]*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+                names += [f"funchess.integrations.{path.stem}.{n}" for n in ast.literal_eval(node.value)]
+    return names
+
+
 def test_every_public_name_has_an_entry_in_the_api_reference(site: Path) -> None:
     text = "".join(p.read_text() for p in (site / "reference").rglob("*.html"))
     names = [f"funchess.{n}" for n in funchess.__all__ if n != "testing"]
     names += [f"funchess.testing.{n}" for n in funchess.testing.__all__]
+    names += _integrations()
     missing = [name for name in names if f'id="{name}"' not in text]
     assert not missing, f"not documented in the API reference: {missing}"
 
@@ -86,7 +99,10 @@ SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in [ROOT / "README.md", *D
 
 
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    """The ```python blocks, except those right after a `<!-- not run ... -->` line (fragments
+    that need the reader's own model, data or an optional package)."""
+    blocks = re.finditer(r"^(?:(<!-- not run[^\n]*-->)\n)?```python\n(.*?)^```", text, flags=re.S | re.M)
+    return [m.group(2) for m in blocks if m.group(1) is None]
 
 
 @pytest.mark.parametrize("source", [s for s in SOURCES if python_blocks((ROOT / s).read_text())])

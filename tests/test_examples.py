@@ -23,7 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
-SKIP = {"quickstart.py"}  # run by tests/test_project.py
+#: run by other tests: tests/test_project.py, tests/test_laplace.py
+SKIP = {"quickstart.py", "laplace_regression_classification.py"}
 
 #: script -> (arguments after --quick, strings its output must contain). `{tmp}` is a fresh folder.
 EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
