@@ -7,12 +7,15 @@ expected, what arrived, and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import inspect
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -86,6 +89,79 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+_relay = threading.local()
+
+
+def _user_frame() -> Any:
+    """The first frame outside funchess (and the context-manager machinery): the user's call."""
+    frame = sys._getframe(1)
+    skip = (_PACKAGE, os.path.abspath(contextlib.__file__))
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame = frame.f_back
+    return frame
+
+
+@contextlib.contextmanager
+def relayed_warnings() -> Iterator[None]:
+    """Warnings raised while funchess evaluates the user's function (e.g. torch's "target size
+    differs" from `mse_loss`) are collected and shown once per call, at the user's line, instead of
+    once per evaluation site inside funchess. Entered once per public call (nested entries pass
+    through); in threads other than the main one warnings are left as they are, since the warnings
+    filters are process-wide."""
+    if getattr(_relay, "active", False) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frame = _user_frame()
+    _relay.active = True
+    failed = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the user's filters still decide what is caught
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _relay.active = False
+        seen: set[tuple[type[Warning], str, str]] = set()
+        for w in caught:
+            ours = os.path.abspath(w.filename).startswith(_PACKAGE)  # blamed on funchess: the user's line
+            filename, lineno = (frame.f_code.co_filename, frame.f_lineno) if ours else (w.filename, w.lineno)
+            key = (w.category, str(w.message), filename)
+            if key in seen:
+                continue
+            seen.add(key)
+            glob = frame.f_globals if ours else _module_globals(filename)
+            try:
+                warnings.warn_explicit(
+                    w.message, w.category, filename, lineno or 0,
+                    module=glob.get("__name__"), registry=glob.setdefault("__warningregistry__", {}),
+                )
+            except Warning:
+                if not failed:  # a warning turned into an error by the user's filters
+                    raise
+
+
+def _module_globals(filename: str) -> dict[str, Any]:
+    """The globals of the loaded module defined in `filename` (for the warnings filters' module
+    patterns), or a fresh dict."""
+    path = os.path.abspath(filename)
+    for module in list(sys.modules.values()):
+        if os.path.abspath(getattr(module, "__file__", None) or "") == path:
+            return vars(module)
+    return {}
+
+
+def relays_warnings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under `relayed_warnings()`."""
+
+    @functools.wraps(fn)
+    def relaying(*args: Any, **kwargs: Any) -> Any:
+        with relayed_warnings():
+            return fn(*args, **kwargs)
+
+    return relaying
 
 
 def deprecated(message: str) -> None:

@@ -30,6 +30,7 @@ from ._checks import (
     check_randomness,
     check_reduction,
     check_tangent,
+    relays_warnings,
 )
 from ._compose import check_function, usable
 from ._data import (
@@ -239,6 +240,7 @@ def dataset_hessian(
     normaliser = normaliser_of(f)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_hessian_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, data)"
         params = usable(params)
@@ -321,6 +323,7 @@ def dataset_hvp(
     products = DatasetProducts(call, f, "hessian", reduction=reduction, mode=mode, randomness=randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_hvp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, v, data)"
         params, v = usable(params), usable(v)
@@ -369,6 +372,7 @@ def dataset_ggn(
     normaliser = normaliser_of(f)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_ggn_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, data)"
         params = usable(params)
@@ -417,6 +421,7 @@ def dataset_ggn_vp(
     products = DatasetProducts(call, f, "ggn", loss_fn=loss_fn, reduction=reduction, randomness=randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_ggn_vp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, v, data)"
         params, v = usable(params), usable(v)

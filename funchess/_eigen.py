@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_positive
+from ._checks import check_count, check_positive, relays_warnings
 from ._errors import ConvergenceWarning, InvalidArgumentError
 from ._linalg import Products, check_generator, draw, orthogonalise, tridiagonal
 from ._operator import LinearOperator, check_operator
@@ -124,6 +124,7 @@ def _check_every(steps: int) -> int:
     return 1 if steps <= 200 else steps // 50
 
 
+@relays_warnings
 def eigsh(
     op: LinearOperator,
     k: int = 1,
@@ -326,6 +327,7 @@ def _lanczos_batch(
     return alpha, beta, length
 
 
+@relays_warnings
 def spectral_density(
     op: LinearOperator,
     *,

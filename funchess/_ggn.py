@@ -32,6 +32,7 @@ from ._checks import (
     check_randomness,
     check_reduction,
     check_tangent,
+    relays_warnings,
 )
 from ._compat import inside_transform, vjp
 from ._compose import RandomState, check_function, differentiable, random_errors, usable
@@ -185,6 +186,7 @@ def ggn(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def ggn_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
@@ -252,6 +254,7 @@ def ggn_vp(
     check_randomness(call, randomness, _BATCH_RANDOMNESS)
 
     @functools.wraps(f)
+    @relays_warnings
     def ggn_vp_fn(params: PyTree, v: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, v, inputs, targets)"
         params, v, inputs, targets = usable(params), usable(v), usable(inputs), usable(targets)
@@ -331,6 +334,7 @@ def per_sample_ggn(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def per_sample_ggn_fn(params: PyTree, inputs: Any, targets: Any = None, *, out: Tensor | None = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
@@ -419,6 +423,7 @@ def empirical_fisher(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def empirical_fisher_fn(params: PyTree, *data: Any) -> PyTree:
         params, data = usable(params), usable(data)
         here, samples = per_sample_data(call, f, params, data)

@@ -34,6 +34,7 @@ from ._checks import (
     check_mode,
     check_primals,
     check_randomness,
+    relays_warnings,
     scalar_output,
 )
 from ._compat import inside_transform
@@ -324,6 +325,7 @@ def hessian(
     o = _Options.checked("hessian", f, argnums, has_aux, mode, chunk_size, blocks, max_memory, randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
         prep = _prepare(o, f, args, kwargs)
         lay = prep.layout
@@ -378,6 +380,7 @@ def hessian_diagonal(
     o = _Options.checked("hessian_diagonal", f, argnums, has_aux, mode, chunk_size, blocks, max_memory, randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
         prep = _prepare(o, f, args, kwargs)
         lay = prep.layout
@@ -421,6 +424,7 @@ def plan_hessian(
     """
     o = _Options.checked("plan_hessian", f, argnums, False, "auto", chunk_size, blocks, max_memory, randomness)
 
+    @relays_warnings
     def plan_fn(*args: Any, **kwargs: Any) -> MemoryPlan:
         prep = _prepare(o, f, args, kwargs)
         lay = prep.layout

@@ -26,6 +26,7 @@ from ._checks import (
     check_callable,
     check_chunk_size,
     check_primals,
+    relays_warnings,
     split_aux,
 )
 from ._compat import inside_transform, jvp, vjp
@@ -166,6 +167,7 @@ def _jacobian(
     single = isinstance(argnums, int)
 
     @functools.wraps(f)
+    @relays_warnings
     def jac_fn(*args: Any, **kwargs: Any) -> Any:
         here = f"{call}(...)"
         check_function(here, f)

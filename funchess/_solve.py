@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_positive
+from ._checks import check_count, check_positive, relays_warnings
 from ._errors import ConvergenceWarning, InvalidArgumentError
 from ._linalg import Products, check_finite
 from ._operator import LinearOperator, check_operator
@@ -47,6 +47,7 @@ class SolveResult:
 # ----------------------------------------------------------------------------- conjugate gradients
 
 
+@relays_warnings
 def cg(
     op: LinearOperator,
     b: Any,

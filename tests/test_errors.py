@@ -3,6 +3,8 @@ the fix, and leaves the model unchanged."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,3 +285,27 @@ def test_backward_hooks_are_refused_with_the_fix_or_skipped_when_asked(snapshot)
     for p in model.parameters():
         p.grad = None
     snap.assert_unchanged()
+
+
+def test_warnings_about_the_users_inputs_are_shown_once_per_call_at_the_users_line() -> None:
+    model = torch.nn.Linear(3, 1).double()
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)  # targets (5,) vs outputs (5, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = funchess.HessianOperator(f, params, x, y)
+    for call in (
+        lambda: funchess.hessian(f)(params, x, y),
+        lambda: funchess.hessian(f, mode="fwd-rev", chunk_size=2)(params, x, y),
+        lambda: funchess.ggn(f)(params, x, y),
+        lambda: funchess.dataset_hessian(f)(params, [(x, y), (x, y)]),
+        lambda: funchess.eigsh(op, generator=torch.Generator().manual_seed(0)),
+    ):
+        with warnings.catch_warnings():  # torch's own one-time deprecation notices on first use
+            warnings.simplefilter("ignore")
+            call()
+        with pytest.warns(UserWarning, match=r"Using a target size") as record:
+            call()
+        relayed = [w for w in record if "target size" in str(w.message)]
+        assert len(relayed) == 1, [str(w.message)[:40] for w in record]
+        assert relayed[0].filename == __file__, relayed[0].filename
