@@ -600,6 +600,13 @@ def hessian_diagonal(
 
     @functools.wraps(f)
     def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
+        if argnums == 0 and not has_aux and blocks is None and mode == "auto" and not kwargs and len(args) > 1:
+            from ._diagonal import structured_hessian_diagonal  # the module-aware sweep, when it applies
+
+            _check_primals(f"{o.call}(...)", args[:1], ["argument 0"])
+            fast = structured_hessian_diagonal(f, *args, chunk_size=o.chunk, max_memory=max_memory)
+            if fast is not None:
+                return fast
         prep = _prepare(f"{o.call}(...)", f, argnums, has_aux, args, kwargs)
         lay = prep.layout
         chosen = resolve_leaves(prep.call, blocks, lay.names)
