@@ -264,7 +264,7 @@ def _generic_per_sample_hessian_diagonal(
         try:
             parts.append(vmap(one, randomness=randomness)(*[leaves[i][b0 : b0 + size] for i in index]))
         except (RuntimeError, UnsupportedError) as exc:
-            if "randomness" in str(exc) and randomness == "error":
+            if "random" in str(exc) and randomness == "error":
                 raise random_error(call) from exc
             raise
     return tree_map(lambda *t: torch.cat(t), *parts)

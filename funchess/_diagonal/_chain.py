@@ -157,6 +157,11 @@ def build_chain(f: Any, params: dict[str, Tensor]) -> list[Step] | None:
     return steps
 
 
+#: The generic block engine's cost per Hessian row, in forwards of the model (a double backward
+#: pass: forward, backward and their derivatives).
+_GENERIC_COST = 4
+
+
 @dataclass
 class Options:
     """How a sweep runs."""
@@ -190,20 +195,33 @@ def _gradients(steps: list[Step], z: Tensor, loss_fn: Callable[..., Tensor], tar
     return out
 
 
-def _bound(steps: list[Step], lo: int, K: int, hessian: bool) -> int:
-    """An upper bound on the entries one sample's curvature takes during the sweep."""
-    peak = 0
+@dataclass
+class Plan:
+    """What a sweep costs per sample: the most entries its curvature holds, and its FLOPs."""
+
+    entries: int
+    flops: float
+
+
+def plan_sweep(steps: list[Step], lo: int, K: int, diag: bool, hessian: bool) -> Plan:
+    """An upper bound of the sweep's size and cost per sample, from the columns it will carry:
+    each pull or parameter rule costs about one forward of the module per column."""
+    peak, flops = 0, 0.0
     for l in range(len(steps) - 1, lo - 1, -1):
         s = steps[l]
         D_out, D_in = math.prod(s.feat_out), math.prod(s.feat_in)
-        width = K if not s.selected else K + 4 * max(p.numel() for p in s.p.values())
-        peak = max(peak, width * D_out + min(D_out, DENSE_MAX) ** 2)
-        if not isinstance(s, (LinearStep, ElementwiseStep, ReshapeStep, ChannelAffineStep)):
-            K += D_out  # a diagonal through the module becomes columns
-        if hessian and isinstance(s, (ElementwiseStep, PositionwiseStep)):
+        peak = max(peak, K * D_out + D_out)
+        flops += (K + 1) * s.flops()
+        if l == lo:
+            break
+        if diag and not s.keeps_diagonal:
+            K, diag = K + D_out, False  # a diagonal through a mixing module becomes columns
+        if hessian and isinstance(s, ElementwiseStep):
+            diag = True
+        if hessian and isinstance(s, PositionwiseStep):
             K += D_in
-        peak = max(peak, K * D_in)
-    return peak
+        peak = max(peak, K * D_in + D_in)
+    return Plan(peak, flops)
 
 
 def run_chain(
@@ -231,8 +249,12 @@ def run_chain(
         S, signs = as_factor(curv)
         curv = Curvature(curv.feat, [Block(S, signs)])
     B = z.shape[0]
-    itemsize = z.element_size()
-    per_sample_bytes = 3 * itemsize * _bound(steps, lo, curv.K + (curv.D if curv.diag is not None else 0), opts.hessian)
+    sweep = plan_sweep(steps, lo, curv.K, curv.diag is not None, opts.hessian)
+    per_sample_bytes = 3 * z.element_size() * sweep.entries
+    if per_sample_bytes > opts.budget:
+        return None  # not even one sample's curvature fits: the generic path is memory-bounded
+    if opts.hessian and sweep.flops > _GENERIC_COST * sum(p.numel() for s in steps for n, p in s.p.items() if n in s.selected) * sum(s.flops() for s in steps):
+        return None  # more columns than Hessian rows would cost: the generic block engine is cheaper
     chunk_b = opts.sample_chunk_size or max(1, min(B, opts.budget // max(per_sample_bytes, 1)))
     results: dict[str, Tensor] = {}
     with torch.no_grad():

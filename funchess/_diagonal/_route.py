@@ -19,7 +19,7 @@ from .._compat import inside_transform
 from .._safe_ops import SecondOrderSafe
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
-from ._checks import RandomGuard, budget, check_output, coupling, recurrent
+from ._checks import RandomGuard, budget, check_output, coupling, model_of, recurrent
 from ._curvature import as_factor
 from ._generic import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
 from ._losses import output_curvature
@@ -123,7 +123,10 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     first = job.sample_chunk or B
     replay = RngReplay(job.randomness != "error", leaves[0].device)
     with RandomGuard(job.call, job.randomness, leaves[0].device):
-        z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
+        with torch.no_grad():
+            z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
+    if kind == "diag" and model_of(job.f) is None and job.randomness == "error" and not _independent(job, params, inputs, z):
+        return _batch_route(job, params, inputs, targets), None  # a plain function that mixes the samples
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:  # the loss couples the samples: only the batch GGN is defined
         return _batch_route(job, params, inputs, targets), None
@@ -150,6 +153,19 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
         return total, None
     cat = [torch.cat(ls) for ls in zip(*[tree_flatten(p)[0] for p in pieces])]
     return tree_unflatten(spec, cat), signs
+
+
+def _independent(job: GGNJob, params: Any, inputs: Any, z: Tensor) -> bool:
+    """Whether a plain function's outputs are those of its samples one by one (no batch
+    statistics): compared with one `vmap`ped forward over batches of one."""
+    try:
+        with torch.no_grad():
+            one = vmap(lambda xn: job.output(params, tree_map(lambda t: t.unsqueeze(0), xn))[0])(inputs)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    tol = torch.finfo(z.dtype).eps ** 0.5
+    z = z.detach()
+    return one.shape == z.shape and bool(torch.allclose(one, z, rtol=tol, atol=tol * float(z.abs().max())))
 
 
 def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
@@ -179,7 +195,7 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
 def _loop_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
     """Recurrent layers: `vmap` cannot batch them over samples, so one `vjp` per sample (each
     pulling back all its columns)."""
-    with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device):
+    with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device), torch.no_grad():
         z = check_output(job.call, job.output(params, inputs)).detach()
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:

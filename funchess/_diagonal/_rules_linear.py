@@ -35,6 +35,9 @@ class LinearStep(Step):
     def _mid(self) -> bool:
         return len(self.feat_out) > 1
 
+    def flops(self) -> float:
+        return 2.0 * math.prod(self.feat_out) * self.feat_in[-1]
+
     def grad_in(self, g: Tensor) -> Tensor:
         return g @ self.p["weight"]
 
@@ -127,6 +130,9 @@ class ConvStep(Step):
 
     def compute(self, x: Tensor) -> Tensor:
         return self.conv._conv_forward(x, self.p["weight"], self.p.get("bias"))
+
+    def flops(self) -> float:
+        return 2.0 * math.prod(self.feat_out) * self.p["weight"][0].numel()
 
     def _padded(self, x: Tensor) -> Tensor:
         if not any(self.pads):

@@ -56,7 +56,8 @@ class ElementwiseStep(Step):
         elif kind is nn.ReLU:
             self.s1 = (x > 0).to(x.dtype)  # torch's threshold_backward: zero at x == 0
         elif kind is nn.LeakyReLU:
-            self.s1 = torch.where(x > 0, 1.0, m.negative_slope).to(x.dtype)  # type: ignore[attr-defined]
+            slope = float(m.negative_slope)  # type: ignore[attr-defined]
+            self.s1 = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
         else:
             self.s1, self.s2 = _autograd_derivatives(m, x, hessian)
 
@@ -198,6 +199,9 @@ class PositionwiseStep(Step):
 
     def compute(self, x: Tensor) -> Tensor:
         return self._fn(x, self.p)
+
+    def flops(self) -> float:
+        return 2.0 * math.prod(self.feat_in) * self.E
 
     def _fn(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
         m = self.module

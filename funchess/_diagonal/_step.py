@@ -58,6 +58,10 @@ class Step:
     def compute(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def flops(self) -> float:
+        """The forward's FLOPs per sample (after `forward`; entry-wise modules: the entries)."""
+        return float(math.prod(self.feat_out))
+
     def prepare(self, hessian: bool) -> None:
         """Derivative information the sweep will need (after `forward`)."""
 
