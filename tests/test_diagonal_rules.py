@@ -116,6 +116,9 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[..., Tensor], Tensor, T
         _init(nn.Sequential(nn.Linear(3, 4), nn.SELU(), nn.Linear(4, 4), nn.CELU(), nn.Linear(4, 4), nn.Hardswish(),
                             nn.Linear(4, 4), nn.Tanhshrink(), nn.Linear(4, 2))),
         F.mse_loss, _images(3, 3), _images(3, 2)),
+    "in-place activations": lambda: (
+        _init(nn.Sequential(nn.Linear(3, 4), nn.ELU(inplace=True), nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))),
+        F.cross_entropy, _images(3, 3), _classes(3, 2)),
     "upsample, pixel shuffle": lambda: (
         _init(nn.Sequential(nn.Conv2d(1, 4, 1), nn.PixelShuffle(2), nn.Upsample(scale_factor=2), nn.Tanh(), nn.Flatten(),
                             nn.Linear(64, 2))),
@@ -140,6 +143,14 @@ def test_large_features_go_through_columns_instead_of_dense_matrices(monkeypatch
                  "tokens: embedding, layer norm, linear per token, gelu", "deep narrow mlp (dense curvature)"):
         model, loss, x, y = MODELS[name]()
         _check(model, loss, x, y, per_sample=False)
+
+
+def test_softmax_over_another_dim_takes_the_generic_path() -> None:
+    model = _init(nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)), nn.Softmax(dim=1), nn.Flatten(), nn.Linear(4, 2)))
+    f, params = funchess.functional(model, F.cross_entropy)
+    x, y = _images(3, 3), _classes(3, 2)
+    assert structured_hessian_diagonal(f, params, x, y) is None
+    assert_hessian_close(funchess.hessian_diagonal(f)(params, x, y), _diag(reference_hessian(f, params, x, y), params))
 
 
 def test_float32_sweep_within_float32_tolerance() -> None:

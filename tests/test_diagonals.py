@@ -211,8 +211,11 @@ def test_chunks_budgets_and_routes_give_the_same_diagonals() -> None:
     assert tiny is None  # one sample's curvature does not fit: the generic path takes over
     assert_hessian_close(structured_hessian_diagonal(f, params, x, y, sample_chunk_size=1, chunk_size=2), ref)
     g = ref_ggn_diagonal(f, params, x, y)
-    for opts in ({"chunk_size": 1, "sample_chunk_size": 1}, {"sample_chunk_size": 3}, {"max_memory": 1000}):
+    for opts in ({"chunk_size": 1, "sample_chunk_size": 1}, {"sample_chunk_size": 3}, {"max_memory": 20000}):
         assert_hessian_close(funchess.ggn_diagonal(f, **opts)(params, x, y), g, msg=str(opts))
+    plain = funchess.ggn_diagonal(lambda p, a: f.output(p, a), loss_fn=F.cross_entropy, max_memory=1000)
+    with pytest.raises(funchess.MemoryBudgetError, match=r"ggn_diagonal\(f, loss_fn=cross_entropy, max_memory=1000\).*one sample's 3 columns.*Raise max_memory"):
+        plain(params, x, y)
     psh = funchess.per_sample_hessian_diagonal(f, sample_chunk_size=3, chunk_size=2)(params, x, y)
     assert_hessian_close({k: t[0] for k, t in psh.items()}, ref_hessian_diagonal(f, params, x[:1], y[:1]))
 

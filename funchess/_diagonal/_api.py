@@ -228,13 +228,14 @@ def per_sample_hessian_diagonal(
         )
         if out is not None:
             return out
-        return _generic_per_sample_hessian_diagonal(here, f, params, data, chunk, sample_chunk, randomness)
+        return _generic_per_sample_hessian_diagonal(here, f, params, data, chunk, sample_chunk, max_memory, randomness)
 
     return per_sample_hessian_diagonal_fn
 
 
 def _generic_per_sample_hessian_diagonal(
-    call: str, f: Callable[..., Any], params: PyTree, data: tuple[Any, ...], chunk: int | None, sample_chunk: int | None, randomness: str
+    call: str, f: Callable[..., Any], params: PyTree, data: tuple[Any, ...], chunk: int | None, sample_chunk: int | None,
+    max_memory: int | float | str | None, randomness: str,
 ) -> PyTree:
     from .._hessian import hessian_diagonal  # the transforms' generic engine (a layer below)
 
@@ -247,7 +248,7 @@ def _generic_per_sample_hessian_diagonal(
             f"per-sample data only; close over tensors shared by all samples inside f."
         )
     B = int(leaves[index[0]].shape[0])
-    diag = hessian_diagonal(f, chunk_size="auto" if chunk is None else chunk)
+    diag = hessian_diagonal(f, chunk_size="auto" if chunk is None else chunk, max_memory=max_memory)
 
     def one(*tensors: Tensor) -> PyTree:
         full = list(leaves)

@@ -115,7 +115,7 @@ def _step(m: nn.Module, first: bool, local: dict[str, Tensor], selected: dict[st
     if _plain(m, _POSITIONWISE):
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             return PositionwiseStep(m, local, selected, 1) if m.dim is not None else None
-        shape = m.normalized_shape  # type: ignore[attr-defined]
+        shape: tuple[int, ...] = tuple(getattr(m, "normalized_shape"))  # noqa: B009
         return PositionwiseStep(m, local, selected, len(shape))
     if _plain(m, _LINEAR) or (_plain(m, _PIECEWISE) and not getattr(m, "return_indices", False)):
         return PullbackStep(m, local, selected, linear=_plain(m, _LINEAR))
@@ -128,7 +128,7 @@ def _step(m: nn.Module, first: bool, local: dict[str, Tensor], selected: dict[st
 
 def build_chain(f: Any, params: dict[str, Tensor]) -> list[Step] | None:
     """The steps of `f`'s model, or None when it is not a chain of modules with rules."""
-    if not isinstance(f, ModuleFunction) or f.loss_fn is None or not isinstance(params, dict) or _global_hooks():
+    if not isinstance(f, ModuleFunction) or not isinstance(params, dict) or _global_hooks():
         return None
     model = f.model
     named = list(model.named_parameters(remove_duplicate=False))
@@ -233,6 +233,8 @@ def run_chain(
     with torch.no_grad():
         x = inputs
         for s in steps:
+            if not isinstance(x, Tensor) or not s.applies(x):
+                return None
             y = s.forward(x)
             if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
                 return None  # a module that reduces over or reshapes the batch
@@ -282,7 +284,7 @@ def _sweep(steps: list[Step], lo: int, c: Curvature, g: list[Tensor], sl: slice,
             chunk = opts.chunk_size or _column_chunk(s, b, opts.budget)
             read = c if s.reads_scaled else c.materialized()
             if opts.columns:
-                parts = {}
+                parts: dict[str, Tensor] = {}
                 for blk in read.blocks:
                     for name, G in s.param_columns(blk.S, sl).items():
                         G = G.expand(b, *G.shape[1:])
@@ -319,7 +321,7 @@ def _fit(c: Curvature, steps: list[Step], l: int, lo: int, b: int) -> Curvature:
     if any(not steps[i].accepts_dense for i in range(t, l + 1)):
         return c
     K = c.K + (c.D if c.diag is not None else 0)
-    return c.to_dense(b) if K > math.prod(nxt.feat_out) + math.prod(nxt.feat_in) else c
+    return c.to_dense(b) if math.prod(nxt.feat_out) + math.prod(nxt.feat_in) < K else c
 
 
 def _column_chunk(s: Step, b: int, budget: int) -> int:

@@ -20,7 +20,6 @@ Every operation here keeps the batch dimension first, so a sweep can run on any 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch

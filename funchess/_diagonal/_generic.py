@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vmap
 
+from .._compat import vjp
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._curvature import as_factor
 from ._losses import eigen_blocks, monte_carlo
@@ -133,7 +134,10 @@ def coupled_columns(
     """A loss that couples the samples: its whole output Hessian (the batch as one "sample"),
     eigendecomposed, as columns pulled back through the batch `vjp`: `(cols with leading K, signs)`."""
     n = z.numel()
-    _, hvp = vjp(grad(lambda zz: loss_fn(zz) if targets is None else loss_fn(zz, targets)), z)
+    def loss(zz: Tensor) -> Tensor:
+        return loss_fn(zz) if targets is None else loss_fn(zz, targets)
+
+    _, hvp = vjp(grad(loss), z)
     basis = torch.eye(n, dtype=z.dtype, device=z.device).reshape(n, *z.shape)
     H = vmap(lambda v: hvp(v)[0], chunk_size=chunk)(basis).reshape(1, n, n)
     curv = eigen_blocks(H, z.shape)

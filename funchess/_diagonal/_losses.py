@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, jacrev, vjp, vmap
+from torch.func import grad, jacrev, vmap
 
+from .._compat import vjp
 from ._curvature import Block, Curvature
 
 _KINDS: dict[Any, str] = {

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vmap
 
-from .._compat import inside_transform
+from .._compat import inside_transform, vjp
+from .._errors import MemoryBudgetError
+from .._memory import format_bytes
 from .._safe_ops import SecondOrderSafe
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
@@ -57,7 +59,7 @@ def structured_hessian_diagonal(
     is used, as in `funchess.per_sample_hessian`). Returns a dict shaped like `params` (with a
     leading sample dimension when `per_sample`).
     """
-    if not _chain_ok(params, data):
+    if not _chain_ok(params, data) or getattr(f, "loss_fn", None) is None:
         return None
     steps = build_chain(f, params)
     if steps is None:
@@ -122,9 +124,8 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     itemsize = leaves[0].element_size()
     first = job.sample_chunk or B
     replay = RngReplay(job.randomness != "error", leaves[0].device)
-    with RandomGuard(job.call, job.randomness, leaves[0].device):
-        with torch.no_grad():
-            z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
+    with RandomGuard(job.call, job.randomness, leaves[0].device), torch.no_grad():
+        z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
     if kind == "diag" and model_of(job.f) is None and job.randomness == "error" and not _independent(job, params, inputs, z):
         return _batch_route(job, params, inputs, targets), None  # a plain function that mixes the samples
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
@@ -132,7 +133,14 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
         return _batch_route(job, params, inputs, targets), None
     S, signs = as_factor(curv)
     K = S.shape[1]
-    chunk = job.sample_chunk or max(1, min(B, bud // max(4 * K * N * itemsize, 1)))
+    one = (K + 3 * min(K, job.chunk or K)) * N * itemsize  # its columns, and a pass's working set
+    if one > bud:
+        raise MemoryBudgetError(
+            f"{job.call}: expected one sample's {K} columns of {N:,} parameters to fit the memory "
+            f"budget; they need about {format_bytes(one)}, got {format_bytes(bud)}. Raise max_memory, "
+            f"pass chunk_size= (fewer columns per pass) or samples=k (Monte-Carlo columns)."
+        )
+    chunk = job.sample_chunk or max(1, min(B, bud // one))
     if job.randomness != "error" and chunk != first:
         chunk = first  # replaying the random draws needs the forward's slices
     pieces: list[PyTree] = []

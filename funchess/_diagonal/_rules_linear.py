@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._compat import vjp
 from ._curvature import Block, Curvature
 from ._step import Scaled, Step, dense_positions
 
@@ -165,7 +166,7 @@ class ConvStep(Step):
                 grad = grad[tuple(index)]
             else:  # reflect / replicate / circular: the adjoint of the (linear) padding
                 zeros = grad.new_zeros(b * K, *self.feat_in)
-                _, back = torch.func.vjp(self._padded, zeros)
+                _, back = vjp(self._padded, zeros)
                 grad = back(grad)[0]
         return grad.reshape(b, K, *self.feat_in)
 

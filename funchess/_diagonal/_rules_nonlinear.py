@@ -20,8 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vmap
 
+from .._compat import vjp
 from .._safe_ops import SecondOrderSafe
 from ._curvature import Block, Curvature
 from ._step import DENSE_MAX, Scaled, Step
@@ -41,7 +42,8 @@ class ElementwiseStep(Step):
         self.s2: Tensor | None = None
 
     def compute(self, x: Tensor) -> Tensor:
-        self.y = self.module(x)
+        # an in-place activation (inplace=True) would overwrite the recorded input
+        self.y = self.module(x.clone() if getattr(self.module, "inplace", False) else x)
         return self.y
 
     def prepare(self, hessian: bool) -> None:
@@ -56,7 +58,7 @@ class ElementwiseStep(Step):
         elif kind is nn.ReLU:
             self.s1 = (x > 0).to(x.dtype)  # torch's threshold_backward: zero at x == 0
         elif kind is nn.LeakyReLU:
-            slope = float(m.negative_slope)  # type: ignore[attr-defined]
+            slope = float(getattr(m, "negative_slope"))  # noqa: B009 (typed loosely on purpose)
             self.s1 = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
         else:
             self.s1, self.s2 = _autograd_derivatives(m, x, hessian)
@@ -95,7 +97,7 @@ def _autograd_derivatives(m: nn.Module, x: Tensor, hessian: bool) -> tuple[Tenso
     `i` of the sum's gradient depends on `x_i` alone)."""
     xl = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        y = m(xl)
+        y = m(xl * 1)  # a non-leaf copy: in-place activations may write into it
         (s1,) = torch.autograd.grad(y, xl, torch.ones_like(y), create_graph=hessian)
         s2 = None
         if hessian and s1.requires_grad:
@@ -110,7 +112,8 @@ class ReshapeStep(Step):
     keeps_diagonal = True
 
     def compute(self, x: Tensor) -> Tensor:
-        return self.module(x)
+        out: Tensor = self.module(x)
+        return out
 
     def grad_in(self, g: Tensor) -> Tensor:
         return g.reshape(g.shape[0], *self.feat_in)
@@ -197,6 +200,10 @@ class PositionwiseStep(Step):
     def P(self) -> int:
         return math.prod(self.feat_in) // self.E
 
+    def applies(self, x: Tensor) -> bool:
+        dim = getattr(self.module, "dim", -1)
+        return dim is not None and dim % x.dim() == x.dim() - 1  # softmax over the last dim only
+
     def compute(self, x: Tensor) -> Tensor:
         return self._fn(x, self.p)
 
@@ -209,7 +216,8 @@ class PositionwiseStep(Step):
             return F.layer_norm(x, m.normalized_shape, p.get("weight"), p.get("bias"), m.eps)
         if isinstance(m, nn.RMSNorm):
             return F.rms_norm(x, m.normalized_shape, p.get("weight"), m.eps)
-        return m(x)
+        out: Tensor = m(x)
+        return out
 
     def _normalised(self, sl: slice) -> Tensor:
         return self._fn(self.x[sl], {})
@@ -271,7 +279,10 @@ class PositionwiseStep(Step):
         x = self.x[sl]
         b, E = x.shape[0], self.E
         with SecondOrderSafe():
-            _, hvp = vjp(grad(lambda t: (g * self._fn(t, self.p)).sum()), x)
+            def weighted(t: Tensor) -> Tensor:
+                return (g * self._fn(t, self.p)).sum()
+
+            _, hvp = vjp(grad(weighted), x)
             basis = torch.eye(E, dtype=x.dtype, device=x.device)
             tangents = basis.reshape(E, 1, 1, E).expand(E, b, self.P, E).reshape(E, b, *self.feat_in)
             cols = vmap(hvp)(tangents)[0]
@@ -306,7 +317,8 @@ class PullbackStep(Step):
         self.linear, self.chunk = linear, chunk
 
     def compute(self, x: Tensor) -> Tensor:
-        return self.module(x)
+        out: Tensor = self.module(x)
+        return out
 
     def _back(self, x: Tensor, cot: Tensor) -> Tensor:
         xl = x.detach().requires_grad_(True)

@@ -49,6 +49,10 @@ class Step:
         self.feat_in = torch.Size()
         self.feat_out = torch.Size()
 
+    def applies(self, x: Tensor) -> bool:
+        """Whether the rule covers the module on this input (checked before `forward`)."""
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         self.x = x
         y = self.compute(x)
