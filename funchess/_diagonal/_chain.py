@@ -240,6 +240,9 @@ def run_chain(
                 return None  # a module that reduces over or reshapes the batch
             x = y
         z = x
+        value = loss_fn(z) if targets is None else loss_fn(z, targets)
+        if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+            return None  # not a scalar loss: the generic path says so
         for s in steps[lo:]:
             s.prepare(opts.hessian)
     curv = output_curvature(loss_fn, z, targets, per_sample=opts.per_sample, samples=opts.samples, generator=opts.generator)

@@ -169,6 +169,18 @@ def check_output(call: str, z: Any) -> Tensor:
     return z
 
 
+def check_loss(call: str, loss: Callable[..., Tensor], z: Tensor, targets: Any) -> None:
+    """The loss of the outputs must be a real floating scalar."""
+    with torch.no_grad():
+        value = loss(z) if targets is None else loss(z, targets)
+    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+        got = f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise OutputError(
+            f"{call}: expected loss_fn(output, targets) to return a floating-point scalar, got "
+            f"{got}. Reduce the loss over the batch (reduction='mean' or 'sum')."
+        )
+
+
 def random_error(call: str) -> UnsupportedError:
     return UnsupportedError(
         f"{call}: f draws random numbers (e.g. dropout in train mode) with randomness='error'; "

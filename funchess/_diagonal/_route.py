@@ -21,7 +21,7 @@ from .._memory import format_bytes
 from .._safe_ops import SecondOrderSafe
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
-from ._checks import RandomGuard, budget, check_output, coupling, model_of, recurrent
+from ._checks import RandomGuard, budget, check_loss, check_output, coupling, model_of, recurrent
 from ._curvature import as_factor
 from ._generic import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
 from ._losses import output_curvature
@@ -126,6 +126,7 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     replay = RngReplay(job.randomness != "error", leaves[0].device)
     with RandomGuard(job.call, job.randomness, leaves[0].device), torch.no_grad():
         z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
+    check_loss(job.call, job.loss, z, targets)
     if kind == "diag" and model_of(job.f) is None and job.randomness == "error" and not _independent(job, params, inputs, z):
         return _batch_route(job, params, inputs, targets), None  # a plain function that mixes the samples
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
@@ -183,6 +184,7 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
     with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device):
         z, back = vjp(lambda p: job.output(p, inputs), params)
     z = check_output(job.call, z).detach()
+    check_loss(job.call, job.loss, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=False, samples=job.samples, generator=job.generator)
     if curv is None:
         cols, signs = coupled_columns(job.output, job.loss, params, inputs, targets, z, samples=job.samples, generator=job.generator, chunk=job.chunk)
@@ -205,6 +207,7 @@ def _loop_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) 
     pulling back all its columns)."""
     with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device), torch.no_grad():
         z = check_output(job.call, job.output(params, inputs)).detach()
+    check_loss(job.call, job.loss, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:
         return _batch_route(job, params, inputs, targets), None
