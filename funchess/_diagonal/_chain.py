@@ -273,6 +273,11 @@ def run_chain(
                     results[key][b0:b1] = value
                 else:
                     results[key] = value if key not in results else results[key] + value
+    for s in steps:  # a parameter no curvature reached (a zero loss Hessian) has a zero diagonal
+        for name, key in s.selected.items():
+            if key not in results:
+                lead = (B, curv.K) if opts.columns else (B,) if opts.per_sample else ()
+                results[key] = s.p[name].new_zeros(*lead, *s.p[name].shape)
     return results, signs
 
 
