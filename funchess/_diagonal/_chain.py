@@ -15,6 +15,7 @@ sweep stops at the lowest module with a wanted parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from torch.func import grad, vmap
 from torch.nn.utils import parametrize
 
 from .._functional import ModuleFunction
+from ._checks import Budget
 from ._curvature import Block, Curvature, as_factor, sample_slice
-from ._losses import output_curvature
+from ._losses import output_curvature, recognise
 from ._rules_linear import ConvStep, EmbeddingStep, LinearStep
 from ._rules_nonlinear import (
     ChannelAffineStep,
@@ -64,6 +66,8 @@ _POSITIONWISE: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.Softm
 
 def _plain(m: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
     """`m` is one of `kinds`, or a subclass that keeps its forward."""
+    if type(m) in kinds:
+        return True
     return any(isinstance(m, k) and type(m).forward is k.forward for k in kinds)
 
 
@@ -173,7 +177,7 @@ class Options:
     generator: torch.Generator | None = None
     chunk_size: int | None = None  # columns per pass in the parameters' rules
     sample_chunk_size: int | None = None
-    budget: int = 1 << 30  # bytes for one slice of samples
+    budget: Budget | None = None  # the memory budget (None: no limit)
 
 
 def _gradients(steps: list[Step], z: Tensor, loss_fn: Callable[..., Tensor], targets: Any, per_sample: bool, lo: int) -> list[Tensor]:
@@ -240,9 +244,10 @@ def run_chain(
                 return None  # a module that reduces over or reshapes the batch
             x = y
         z = x
-        value = loss_fn(z) if targets is None else loss_fn(z, targets)
-        if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-            return None  # not a scalar loss: the generic path says so
+        if recognise(loss_fn) is None:  # a scalar by construction otherwise
+            value = loss_fn(z) if targets is None else loss_fn(z, targets)
+            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+                return None  # not a scalar loss: the generic path says so
         for s in steps[lo:]:
             s.prepare(opts.hessian)
     curv = output_curvature(loss_fn, z, targets, per_sample=opts.per_sample, samples=opts.samples, generator=opts.generator)
@@ -256,11 +261,12 @@ def run_chain(
     B = z.shape[0]
     sweep = plan_sweep(steps, lo, curv.K, curv.diag is not None, opts.hessian)
     per_sample_bytes = 3 * z.element_size() * sweep.entries
-    if per_sample_bytes > opts.budget:
+    budget = opts.budget
+    if budget is not None and not budget.fits(per_sample_bytes):
         return None  # not even one sample's curvature fits: the generic path is memory-bounded
     if opts.hessian and sweep.flops > _GENERIC_COST * sum(p.numel() for s in steps for n, p in s.p.items() if n in s.selected) * sum(s.flops() for s in steps):
         return None  # more columns than Hessian rows would cost: the generic block engine is cheaper
-    chunk_b = opts.sample_chunk_size or max(1, min(B, opts.budget // max(per_sample_bytes, 1)))
+    chunk_b = opts.sample_chunk_size or (budget.share(per_sample_bytes, B) if budget is not None else B)
     results: dict[str, Tensor] = {}
     with torch.no_grad():
         for b0 in range(0, B, chunk_b):
@@ -289,7 +295,7 @@ def _sweep(steps: list[Step], lo: int, c: Curvature, g: list[Tensor], sl: slice,
         if c.dense is not None and (not s.accepts_dense or math.prod(s.feat_in) > DENSE_MAX):
             c = c.dense_as_blocks()
         if s.selected:
-            chunk = opts.chunk_size or _column_chunk(s, b, opts.budget)
+            chunk = functools.partial(_column_chunk, s, b, c.K, opts.budget, opts.chunk_size)
             read = c if s.reads_scaled else c.materialized()
             if opts.columns:
                 parts: dict[str, Tensor] = {}
@@ -332,7 +338,11 @@ def _fit(c: Curvature, steps: list[Step], l: int, lo: int, b: int) -> Curvature:
     return c.to_dense(b) if math.prod(nxt.feat_out) + math.prod(nxt.feat_in) < K else c
 
 
-def _column_chunk(s: Step, b: int, budget: int) -> int:
+def _column_chunk(s: Step, b: int, K: int, budget: Budget | None, given: int | None) -> int:
+    """Columns per pass in a parameter's rule (`chunk_size`, or what the budget allows: each
+    column's per-sample gradients, squared); asked only by rules that form those gradients."""
+    if given is not None:
+        return given
     size = max(p.numel() for p in s.p.values()) if s.p else 1
     item = next(iter(s.p.values())).element_size() if s.p else 4
-    return max(1, min(1 << 16, budget // (4 * item * max(b * size, 1))))
+    return budget.share(4 * item * max(b * size, 1), max(K, 1)) if budget is not None else max(K, 1)

@@ -60,7 +60,8 @@ def weighted_sum(sq: Tensor, w: Tensor | None) -> Tensor:
         return sq.sum(1)
     if sq.shape[0] == 1 and w.shape[0] != 1:
         return (w @ sq[0].reshape(sq.shape[1], -1)).reshape(w.shape[0], *sq.shape[2:])
-    return torch.einsum("nk...,nk->n...", sq, w)
+    b, K = sq.shape[:2]
+    return torch.bmm(w.reshape(b, 1, K), sq.reshape(b, K, -1)).reshape(b, *sq.shape[2:])
 
 
 @dataclass

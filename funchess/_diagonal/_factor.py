@@ -13,6 +13,7 @@ from .._errors import StructureError
 from .._tree import tree_flatten, tree_unflatten
 from ._api import ChunkSize, Randomness, _at, ggn_job
 from ._checks import check_params, check_per_sample
+from ._curvature import weighted_sum
 from ._route import ggn_parts
 
 PyTree = Any
@@ -73,7 +74,7 @@ class GGNFactor:
         out = []
         for leaf in leaves:
             sq = leaf.square()
-            out.append(sq.sum(1) if self.signs is None else torch.einsum("nk...,nk->n...", sq, self.signs))
+            out.append(sq.sum(1) if self.signs is None else weighted_sum(sq, self.signs))
         return tree_unflatten(self._spec, out)
 
     def __matmul__(self, v: Any) -> Any:

@@ -27,7 +27,7 @@ from torch.func import grad, vmap
 
 from .._compat import vjp
 from .._tree import tree_flatten, tree_map, tree_unflatten
-from ._curvature import as_factor
+from ._curvature import as_factor, weighted_sum
 from ._losses import eigen_blocks, monte_carlo
 
 PyTree = Any
@@ -155,6 +155,6 @@ def squares(cols: PyTree, signs: Tensor | None, per_sample: bool) -> PyTree:
     out = []
     for G in leaves:
         sq = G.square()
-        v = sq.sum(1) if signs is None else torch.einsum("nk...,nk->n...", sq, signs)
+        v = sq.sum(1) if signs is None else weighted_sum(sq, signs)
         out.append(v if per_sample else v.sum(0))
     return tree_unflatten(spec, out)

@@ -21,7 +21,7 @@ from .._memory import format_bytes
 from .._safe_ops import SecondOrderSafe
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
-from ._checks import RandomGuard, budget, check_loss, check_output, coupling, model_of, recurrent
+from ._checks import Budget, RandomGuard, check_loss, check_output, coupling, model_of, recurrent
 from ._curvature import as_factor
 from ._generic import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
 from ._losses import output_curvature
@@ -67,7 +67,7 @@ def structured_hessian_diagonal(
     device = next(iter(params.values())).device
     opts = Options(
         hessian=True, per_sample=per_sample, chunk_size=chunk_size, sample_chunk_size=sample_chunk_size,
-        budget=budget("funchess.hessian_diagonal(f)", max_memory, device),
+        budget=Budget("funchess.hessian_diagonal(f)", max_memory, device),
     )
     out = run_chain(steps, f.loss_fn, data[0], data[1] if len(data) == 2 else None, opts)
     if out is None:
@@ -97,7 +97,7 @@ def ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) ->
     per_sample = kind != "diag"
     leaves, _ = tree_flatten(params)
     device = leaves[0].device
-    bud = budget(job.call, job.max_memory, device)
+    bud = Budget(job.call, job.max_memory, device)
     data = (inputs,) if targets is None else (inputs, targets)
     if _chain_ok(params, data):
         steps = build_chain(job.f, params)
@@ -117,7 +117,7 @@ def ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) ->
         return _per_sample_route(job, params, inputs, targets, kind, bud)
 
 
-def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str, bud: int) -> tuple[PyTree, Tensor | None]:
+def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str, bud: Budget) -> tuple[PyTree, Tensor | None]:
     leaves, spec = tree_flatten(params)
     B = int(tree_flatten(inputs)[0][0].shape[0])
     N = sum(p.numel() for p in leaves)
@@ -135,13 +135,13 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     S, signs = as_factor(curv)
     K = S.shape[1]
     one = (K + 3 * min(K, job.chunk or K)) * N * itemsize  # its columns, and a pass's working set
-    if one > bud:
+    if not bud.fits(one):
         raise MemoryBudgetError(
             f"{job.call}: expected one sample's {K} columns of {N:,} parameters to fit the memory "
-            f"budget; they need about {format_bytes(one)}, got {format_bytes(bud)}. Raise max_memory, "
-            f"pass chunk_size= (fewer columns per pass) or samples=k (Monte-Carlo columns)."
+            f"budget; they need about {format_bytes(one)}, got {format_bytes(bud.value())}. Raise "
+            f"max_memory, pass chunk_size= (fewer columns per pass) or samples=k (Monte-Carlo columns)."
         )
-    chunk = job.sample_chunk or max(1, min(B, bud // one))
+    chunk = job.sample_chunk or bud.share(one, B)
     if job.randomness != "error" and chunk != first:
         chunk = first  # replaying the random draws needs the forward's slices
     pieces: list[PyTree] = []

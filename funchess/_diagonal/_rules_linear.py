@@ -11,6 +11,7 @@ columns) and squared: the products between positions do not factor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ class LinearStep(Step):
             out["bias"] = S.reshape(*S.shape[:2], -1, S.shape[-1]).sum(2)
         return out
 
-    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: int) -> dict[str, Tensor]:
+    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: Callable[[], int]) -> dict[str, Tensor]:
         if self._mid():
             return super().param_diag(c, sl, per_sample, chunk)
         # no positions: everything goes through the diagonal of the output curvature
@@ -264,7 +265,7 @@ class EmbeddingStep(Step):
         cols = self._scatter(Sp.transpose(0, 1).reshape(b * K, -1, E), idx.repeat(K, 1))
         return {"weight": cols.reshape(K, b, *cols.shape[1:]).transpose(0, 1)}
 
-    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: int) -> dict[str, Tensor]:
+    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: Callable[[], int]) -> dict[str, Tensor]:
         if "weight" not in self.selected:
             return {}
         idx = self._index(sl)

@@ -18,7 +18,7 @@ asks it, for a slice of samples:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -83,13 +83,13 @@ class Step:
         selected parameter, per sample."""
         return {}
 
-    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: int) -> dict[str, Tensor]:
-        """Default: the blocks through `param_columns` (chunks of `chunk` columns), the diagonal
-        and dense parts through `diag_part` / `dense_part`."""
+    def param_diag(self, c: Curvature, sl: slice, per_sample: bool, chunk: Callable[[], int]) -> dict[str, Tensor]:
+        """Default: the blocks through `param_columns` (in passes of `chunk()` columns), the
+        diagonal and dense parts through `diag_part` / `dense_part`."""
         b = sl.stop - sl.start
         out: dict[str, Tensor] = {}
         for block in c.blocks:
-            for S, w in _column_chunks(block, chunk):
+            for S, w in _column_chunks(block, chunk()):
                 for name, G in self.param_columns(S, sl).items():
                     part = weighted_sum(G.square(), w)
                     _accumulate(out, name, part.expand(b, *part.shape[1:]) if per_sample else part.sum(0))
