@@ -580,6 +580,12 @@ def hessian_diagonal(
     memory is O(N) plus one chunk's working set. For an estimate from a few HVPs instead, see the
     stochastic estimators.
 
+    When `f` is `funchess.functional(model, loss_fn)` with `model` an `nn.Sequential` of modules
+    with rules (Linear, Conv, activations, norms, pooling, ...; see `funchess.ggn_diagonal`), called
+    as `f(params, inputs, targets)` with the default options, a module-aware backward sweep gives
+    the same diagonal far faster: the loss Hessian's factor plus the activations' second-order
+    terms, pulled through the modules (BackPACK's method, for more modules).
+
     Args:
         f, argnums, has_aux, mode, chunk_size, max_memory: as for `funchess.hessian`.
         blocks: None for every parameter (the result is shaped like the differentiated argument),
