@@ -1,8 +1,9 @@
 """The benchmark of `python -m funchess bench`, as a script: `python benchmarks/bench.py [options]`.
 
-Everything lives in the package (`funchess/_bench.py`: planning and fresh-process runs;
-`funchess/_bench_methods.py`: the methods and the oracle check; `funchess/_bench_report.py`: tables
-and the plot), so that `pip install funchess` users run the same code. Options are those of
+Everything lives in the package's command line (`funchess/cli/bench.py`: planning and
+fresh-process runs; `funchess/cli/methods.py`: the methods and the oracle check;
+`funchess/cli/report.py`: results, tables and the plot), so that `pip install "funchess[cli]"`
+users run the same code. Options are those of
 `python -m funchess bench --help`; e.g.
 
     python benchmarks/bench.py --quick                   # about a minute
@@ -17,6 +18,6 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's funchess
-    from funchess.__main__ import main
+    from funchess.cli import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

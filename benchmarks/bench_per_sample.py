@@ -208,7 +208,7 @@ def dataset_products(repeat: int, sizes: list[int]) -> None:
     methods: list[tuple[str, Callable[[], Any]]] = [
         ("funchess.dataset_hvp", lambda: funchess.dataset_hvp(f)(params, v, batches)),
         ("funchess.dataset_hvp, one HVP per batch", batch_by_batch(lambda: funchess.dataset_hvp(f)(params, v, batches))),
-        ("funchess.hvp of the concatenated data", lambda: funchess.hvp(lambda p: f(p, x, y), (params,), (v,))),
+        ("funchess.hvp of the concatenated data", lambda: funchess.hvp(f)(params, v, x, y)),
         ("funchess.dataset_ggn_vp", lambda: funchess.dataset_ggn_vp(f)(params, v, batches)),
         ("funchess.dataset_ggn_vp, one product per batch", batch_by_batch(lambda: funchess.dataset_ggn_vp(f)(params, v, batches))),
         ("funchess.ggn_vp of the concatenated data", lambda: funchess.ggn_vp(f)(params, v, x, y)),

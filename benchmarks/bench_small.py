@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import funchess  # noqa: E402
 from funchess import _hessian  # noqa: E402
-from funchess._models import Problem, cnn, make_problem, mlp, transformer  # noqa: E402
+from funchess.cli.models import Problem, cnn, make_problem, mlp, transformer  # noqa: E402
 from funchess.testing import reference_hessian  # noqa: E402
 
 

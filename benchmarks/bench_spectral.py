@@ -21,6 +21,7 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -182,8 +183,8 @@ def main() -> None:
     m_closed = (1.645 * var**0.5 / (0.01 * abs(exact_tr))) ** 2
     seeds = 40 if args.quick else 100
     budgets = [12, 18, 24, 36, 48, 72, 96, 144, 192, 288, 384, 576, 768, 1152, 1536, 2304, 3072]
-    hpp_m, hpp_rows = trace_budget(dense_op, exact_tr, funchess.hutchpp_trace, budgets, seeds)
-    hut_m, hut_rows = trace_budget(dense_op, exact_tr, funchess.hutchinson_trace, budgets, seeds)
+    hpp_m, hpp_rows = trace_budget(dense_op, exact_tr, funchess.trace_estimate, budgets, seeds)
+    hut_m, hut_rows = trace_budget(dense_op, exact_tr, functools.partial(funchess.trace_estimate, method="hutchinson"), budgets, seeds)
     print(f"### Trace to 1 % (exact trace {exact_tr:.5g}, ||H||_F = {fro2 ** 0.5:.4g}; {seeds} seeds per budget)\n")
     print("| method | budget m | fraction within 1 % | median rel. error |")
     print("|---|---|---|---|")
@@ -194,7 +195,7 @@ def main() -> None:
           f"{hut_m if hut_m is not None else f'> {budgets[-1]}'} (closed form for Hutchinson, "
           f"Rademacher: {m_closed:.0f})")
     if hpp_m is not None:
-        est, t_hpp = timed(lambda: funchess.hutchpp_trace(op, hpp_m, generator=torch.Generator().manual_seed(0)), args.repeats)
+        est, t_hpp = timed(lambda: funchess.trace_estimate(op, hpp_m, generator=torch.Generator().manual_seed(0)), args.repeats)
         print(f"Hutch++ with m = {hpp_m} on the HessianOperator: {float(est.value):.5g} ± {float(est.std_error):.2g} "
               f"(exact {exact_tr:.5g}), {t_hpp:.2f} s (median)")
     m_hut = hut_m or int(m_closed)

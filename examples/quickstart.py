@@ -45,7 +45,7 @@ def main() -> None:
 
     # 4. A Hessian-vector product without forming H, equal to M @ v.
     v = {k: torch.randn_like(p) for k, p in params.items()}
-    hv = funchess.hvp(lambda p: f(p, x, y), (params,), (v,))
+    hv = funchess.hvp(f)(params, v, x, y)
     print("max |hvp - M @ v| =", f"{(funchess.ravel(hv) - M @ funchess.ravel(v)).abs().max():.2e}")
 
     # 5. Check against the nested double-backward loop (one backward pass per row).

@@ -23,7 +23,7 @@ written in place: pieces are concatenated instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,16 @@ from torch import Tensor
 from torch.func import vmap
 
 from ._compat import inside_transform, jvp, vjp
-from ._tree import blocks_of, offsets, promoted_dtype, tree_flatten, tree_product, tree_unflatten
+from ._tree import (
+    basis,
+    blocks_of,
+    chunks,
+    offsets,
+    promoted_dtype,
+    tree_flatten,
+    tree_product,
+    tree_unflatten,
+)
 
 PyTree = Any
 Pair = tuple[int, int]
@@ -50,6 +59,7 @@ class Layout:
         self.N = self.off[-1]
         self.names = [".".join(str(k) for k in path) for path in self.spec.paths()]
         self.dtype = promoted_dtype(self.leaves)  # of the one matrix
+        self.device = self.leaves[0].device
 
     def rebuild(self, leaves: Sequence[Tensor]) -> tuple[Any, ...]:
         tree = tree_unflatten(self.spec, leaves)
@@ -68,20 +78,6 @@ def groups(pairs: set[Pair], forward: bool) -> list[tuple[int, list[int]]]:
     return [(x, sorted(by[x])) for x in sorted(by)]
 
 
-def _basis(s: int, e: int, shape: torch.Size, like: Tensor) -> Tensor:
-    """Basis vectors `s..e-1` of one leaf, batched: shape `(e - s, *shape)`."""
-    k, n = e - s, like.numel()
-    flat = torch.zeros(k, n, dtype=like.dtype, device=like.device)
-    idx = torch.arange(k, device=like.device)
-    flat[idx, idx + s] = 1
-    return flat.reshape((k, *shape))
-
-
-def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
-
-
 def run(
     h: Callable[..., Any],
     layout: Layout,
@@ -92,6 +88,7 @@ def run(
     has_aux: bool,
     chunk_for: Callable[[int, int], int],
     joint: bool = False,
+    randomness: str = "error",
 ) -> Any:
     """Compute every pair of `request` into `sink`; returns the aux of the first group (or None).
 
@@ -99,14 +96,15 @@ def run(
     per vectorised pass for a group whose rows have `width` entries. `joint=True` (the full
     Hessian of a small model) runs one group whose rows are all `N` parameters: one forward and
     backward, then passes of whole Hessian rows, of which the sink keeps the upper blocks.
+    `randomness` is the forward-mode `vmap`'s (reverse mode runs each forward outside `vmap`).
     """
     fixed = layout.leaves
     if joint:
         everything = list(range(len(fixed)))
-        group = _forward_group if forward else _reverse_group
-        rows_of, aux = group(h, layout, fixed, everything, everything, has_aux)
-        for s, e in _chunks(layout.N, max(1, chunk_for(layout.N, layout.N))):
-            outs = rows_of(_joint_basis(s, e, layout))
+        group = forward_group if forward else reverse_group
+        rows_of, aux = group(h, layout, fixed, everything, everything, has_aux, randomness)
+        for s, e in chunks(layout.N, max(1, chunk_for(layout.N, layout.N))):
+            outs = rows_of(basis(s, e, layout.shapes, [leaf.dtype for leaf in fixed], layout.device))
             for x in everything:  # the rows of leaf x in this pass, its blocks H[x][y >= x]
                 lo, hi = max(s, layout.off[x]), min(e, layout.off[x + 1])
                 for y in everything[x:] if lo < hi else ():
@@ -118,29 +116,16 @@ def run(
     for x, Y in groups(request, forward):
         width = sum(layout.sizes[y] for y in Y)
         chunk = max(1, chunk_for(layout.sizes[x], width))
-        group = _forward_group if forward else _reverse_group
-        rows_of, aux = group(h, layout, fixed, [x], Y, has_aux)
+        group = forward_group if forward else reverse_group
+        rows_of, aux = group(h, layout, fixed, [x], Y, has_aux, randomness)
         if first:
             aux_out, first = aux, False
-        for s, e in _chunks(layout.sizes[x], chunk):
-            outs = rows_of([_basis(s, e, layout.shapes[x], fixed[x])])
+        for s, e in chunks(layout.sizes[x], chunk):
+            outs = rows_of(basis(s, e, [layout.shapes[x]], [fixed[x].dtype], layout.device))
             for y, out in zip(Y, outs):
                 sink.put(x, y, s, e, out.reshape(e - s, -1))
             del outs
     return aux_out
-
-
-def _joint_basis(s: int, e: int, layout: Layout) -> list[Tensor]:
-    """Basis vectors `s..e-1` of all `N` parameters, split by leaf: `(e - s, *shape)` each."""
-    out = []
-    for leaf, a in zip(layout.leaves, layout.off):
-        flat = torch.zeros(e - s, leaf.numel(), dtype=leaf.dtype, device=leaf.device)
-        lo, hi = max(s, a), min(e, a + leaf.numel())
-        if lo < hi:
-            idx = torch.arange(lo, hi, device=leaf.device)
-            flat[idx - s, idx - a] = 1
-        out.append(flat.reshape(e - s, *leaf.shape))
-    return out
 
 
 def _place(fixed: Sequence[Tensor], D: Sequence[int], values: Sequence[Tensor]) -> list[Tensor]:
@@ -150,8 +135,9 @@ def _place(fixed: Sequence[Tensor], D: Sequence[int], values: Sequence[Tensor]) 
     return leaves
 
 
-def _reverse_group(
-    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool
+def reverse_group(
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool,
+    randomness: str = "error",
 ) -> tuple[Callable[[Sequence[Tensor]], Sequence[Tensor]], Any]:
     """Rows of `H[X][D]`: the `vjp` (w.r.t. leaves `D`) of the gradient w.r.t. leaves `X`, `vmap`ped
     over basis rows given as one Tensor per leaf of `X`."""
@@ -166,14 +152,16 @@ def _reverse_group(
 
     out = vjp(grad_X, *[fixed[i] for i in D], has_aux=has_aux)
     pullback = vmap(lambda *rows: out[1](rows))
-    return lambda basis: pullback(*basis), (out[2] if has_aux else None)
+    return lambda rows: pullback(*rows), (out[2] if has_aux else None)
 
 
-def _forward_group(
-    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool
+def forward_group(
+    h: Callable[..., Any], layout: Layout, fixed: Sequence[Tensor], X: list[int], D: list[int], has_aux: bool,
+    randomness: str = "error",
 ) -> tuple[Callable[[Sequence[Tensor]], Sequence[Tensor]], Any]:
     """Rows of `H[X][D]` (columns of `H[D][X]`, by symmetry): `vmap` of the `jvp` along basis
-    directions of leaves `X` through the gradient w.r.t. leaves `D`."""
+    directions of leaves `X` through the gradient w.r.t. leaves `D`. The forward runs inside the
+    `vmap`: with `randomness="same"` every direction sees one draw of random numbers."""
 
     def grads_D(*lx: Tensor) -> Any:
         def inner(*d: Tensor) -> Any:
@@ -195,10 +183,10 @@ def _forward_group(
         return jvp(grads_D, primals, t)[1]
 
     out_dims: Any = (0, None) if has_aux else 0
-    batched = vmap(push, out_dims=out_dims)
+    batched = vmap(push, out_dims=out_dims, randomness=randomness)
 
-    def rows_of(basis: Sequence[Tensor]) -> Sequence[Tensor]:
-        result = batched(*basis)
+    def rows_of(rows: Sequence[Tensor]) -> Sequence[Tensor]:
+        result = batched(*rows)
         return result[0] if has_aux else result  # type: ignore[no-any-return]
 
     if has_aux:  # aux without a vectorised pass: one plain evaluation
@@ -277,7 +265,7 @@ _TILE = 512
 
 def _mirror(M: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
     """`M[c0:c1, r0:r1] = M[r0:r1, c0:c1].T` in square tiles: a whole-block transposed copy
-    strides through memory and measures ~8x slower than 512 x 512 tiles that stay in cache."""
+    strides through memory; square tiles stay in cache (benchmarks/RESULTS.md)."""
     for i in range(r0, r1, _TILE):
         ie = min(r1, i + _TILE)
         for j in range(c0, c1, _TILE):

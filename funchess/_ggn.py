@@ -13,36 +13,43 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
+from ._checks import (
+    ChunkSize,
+    Randomness,
+    Reduction,
+    call_label,
+    check_callable,
+    check_chunk_size,
+    check_out,
+    check_primals,
+    check_randomness,
+    check_reduction,
+    check_tangent,
+)
 from ._compat import inside_transform, vjp
+from ._compose import RandomState, check_function, differentiable, random_errors, usable
 from ._errors import InvalidArgumentError, OutputError
 from ._functional import ModuleFunction
-from ._hessian import _check_callable, _check_primals, _check_tangents, hessian, hvp
-from ._jacobian import _chunks, check_chunk_size, jac_rev, safe_ops
-from ._per_sample import (
-    Randomness,
-    Samples,
-    check_out,
-    check_per_sample,
-    check_randomness,
-    fmt_call,
-    per_sample_data,
-    per_sample_gradients,
-    random_error,
-    random_errors,
-)
-from ._tree import from_matrix, offsets, promoted_dtype, ravel, tree_flatten, unravel
+from ._hessian import hessian
+from ._hvp import hvp
+from ._jacobian import jac_rev
+from ._memory import PASS_ENTRIES, budget_of, check_fits
+from ._per_sample import sample_chunks
+from ._safe_ops import safe_ops
+from ._samples import PER_SAMPLE_FIX, Samples, check_per_sample, per_sample_data, per_sample_gradients
+from ._tree import chunks, from_matrix, offsets, promoted_dtype, ravel, tree_flatten, unravel
 
-__all__ = ["ggn", "ggn_vp", "per_sample_ggn", "empirical_fisher", "split_loss", "RandomGuard"]
+__all__ = ["ggn", "ggn_vp", "per_sample_ggn", "empirical_fisher", "split_loss"]
 
 PyTree = Any
-Reduction = Literal["mean", "sum"]
-_PASS_BUDGET = 1 << 23
+_BATCH_RANDOMNESS: tuple[str, ...] = ("error", "same")
+_GGN_FIXES = "Use matrix-free products (funchess.ggn_vp), the diagonal, or fewer parameters (funchess.functional(..., params=[...]))"
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -52,7 +59,7 @@ def split_loss(
     call: str, f: Callable[..., Any], loss_fn: Callable[..., Tensor] | None
 ) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Tensor]]:
     """`(output(params, inputs), loss(output, targets))` from a ModuleFunction or a model function."""
-    _check_callable(call, f)
+    check_callable(call, f)
     if isinstance(f, ModuleFunction):
         loss = loss_fn if loss_fn is not None else f.loss_fn
         output: Callable[[Any, Any], Any] = f.output
@@ -79,30 +86,6 @@ def split_loss(
         return value
 
     return output, loss_of
-
-
-class RandomGuard:
-    """With randomness="error", raise if f advanced the random number generator (dropout)."""
-
-    def __init__(self, call: str, randomness: str, device: torch.device) -> None:
-        self.call, self.check = call, randomness == "error"
-        self.cuda = device if device.type == "cuda" else None
-
-    def _state(self) -> list[Tensor]:
-        states = [torch.get_rng_state()]
-        if self.cuda is not None:
-            states.append(torch.cuda.get_rng_state(self.cuda))
-        return states
-
-    def __enter__(self) -> RandomGuard:
-        self.before = self._state() if self.check else []
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.check and exc[0] is None and any(not torch.equal(a, b) for a, b in zip(self.before, self._state())):
-            error = random_error(self.call, RuntimeError("random operation while in randomness error mode"))
-            assert error is not None
-            raise error
 
 
 def _dense(blocks: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> Tensor:
@@ -140,6 +123,13 @@ def _loss_hessian(loss: Callable[[Any], Tensor], z: Any) -> Tensor:
     return _dense(blocks, m, m)
 
 
+def _guarded(call: str, randomness: str, device: torch.device) -> Any:
+    """With randomness="error", refuse a function that draws random numbers (dropout)."""
+    import contextlib
+
+    return RandomState(device).guard(call) if randomness == "error" and not inside_transform() else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- full GGN
 
 
@@ -147,7 +137,8 @@ def ggn(
     f: Callable[..., Any],
     *,
     loss_fn: Callable[..., Tensor] | None = None,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
+    max_memory: int | float | str | None = None,
     randomness: Randomness = "error",
 ) -> Callable[..., PyTree]:
     """The generalised Gauss-Newton matrix `Jᵀ H_z J` of a batch, as a Hessian-shaped block pytree.
@@ -168,9 +159,12 @@ def ggn(
     Args:
         f: the loss function from `funchess.functional`, or a model-output function.
         loss_fn: the loss of `(output, targets)`; required when `f` is a plain function.
-        chunk_size: rows of `J` per vectorised pass; None bounds each chunk automatically.
-        randomness: "error" (default: raise if f draws random numbers) or "different"/"same"
-            (allowed: the single forward pass draws the masks all derivatives use).
+        chunk_size: rows of `J` per vectorised pass; "auto" bounds each chunk automatically.
+        max_memory: the memory budget for the result, `J` and `H_z J` (bytes or "4GiB"); default
+            80 % of the device's free memory. A sized `MemoryBudgetError` is raised before
+            anything large is allocated.
+        randomness: "error" (default: raise if f draws random numbers) or "same" (allowed: the
+            single forward pass draws the masks all derivatives use).
 
     Example:
         >>> import torch, funchess
@@ -183,29 +177,35 @@ def ggn(
         >>> bool(torch.linalg.eigvalsh(funchess.to_matrix(G)).min() > -1e-6)  # PSD for cross-entropy
         True
     """
-    call = fmt_call("ggn", chunk_size=chunk_size, randomness=randomness)
+    call = call_label("ggn", {"loss_fn": loss_fn, "chunk_size": chunk_size, "max_memory": max_memory, "randomness": randomness})
     output, loss = split_loss(call, f, loss_fn)
-    check_chunk_size(call, chunk_size)
-    check_randomness(call, randomness)
+    chunk = check_chunk_size(call, chunk_size)
+    check_randomness(call, randomness, _BATCH_RANDOMNESS)
+    budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
     def ggn_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
-        _check_primals(here, (params,), ["params"])
-        device = tree_flatten(params)[0][0].device
-        with safe_ops(), RandomGuard(here, randomness, device):
-            J, z = _jacobian_and_output(output, params, inputs, chunk_size)
-            M, N = J.shape
+        params, inputs, targets = usable(params), usable(inputs), usable(targets)
+        check_function(here, f)
+        check_primals(here, (params,), ["params"])
+        leaves = tree_flatten(params)[0]
+        N, device = sum(_numels(params)), leaves[0].device
+        itemsize = promoted_dtype(leaves).itemsize
+        check_fits(here, f"the GGN of {N:,} parameters", N * N * itemsize, device, budget, budget_from, _GGN_FIXES)
+        with differentiable(), safe_ops(), _guarded(here, randomness, device):
+            z = output(params, inputs)  # the output size, to plan J before forming it
+            M = sum(_numels(z))
+            check_fits(here, f"the GGN of {N:,} parameters with {M:,} outputs (J, H_z J and the result)",
+                       (N * N + 2 * M * N) * itemsize, device, budget, budget_from, _GGN_FIXES)
+            J, z = _jacobian_and_output(output, params, inputs, chunk)
             loss_z = functools.partial(lambda zz, t: loss(zz, t), t=targets)
             if M <= N:
                 HJ = _loss_hessian(loss_z, z) @ J
             else:  # H_z would be larger than J: push J's columns through H_z instead
                 flat_z = ravel(z)
-
-                def column(u: Tensor) -> Tensor:
-                    return ravel(hvp(lambda zz: loss_z(unravel(zz, z)), (flat_z,), (u,)))
-
-                HJ = torch.cat([vmap(column)(J[:, s:e].T).T for s, e in _chunks(N, 256)], 1)
+                column = functools.partial(hvp(lambda zz: loss_z(unravel(zz, z))), flat_z)
+                HJ = torch.cat([vmap(column)(J[:, s:e].T).T for s, e in chunks(N, 256)], 1)
         return from_matrix(J.T @ HJ, params)
 
     return ggn_fn
@@ -231,6 +231,9 @@ def ggn_vp(
         loss_fn: the loss of `(output, targets)`; required when `f` is a plain function.
         randomness: as for `funchess.ggn`.
 
+    Returns:
+        A function `(params, v, inputs, targets=None) -> G v`, funchess's product convention.
+
     Example:
         >>> import torch, funchess
         >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.mse_loss)
@@ -241,27 +244,29 @@ def ggn_vp(
         >>> torch.allclose(funchess.ravel(Gv), G @ funchess.ravel(v), atol=1e-5)
         True
     """
-    call = fmt_call("ggn_vp", randomness=randomness)
+    call = call_label("ggn_vp", {"loss_fn": loss_fn, "randomness": randomness})
     output, loss = split_loss(call, f, loss_fn)
-    check_randomness(call, randomness)
+    check_randomness(call, randomness, _BATCH_RANDOMNESS)
 
     @functools.wraps(f)
     def ggn_vp_fn(params: PyTree, v: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, v, inputs, targets)"
-        _check_primals(here, (params,), ["params"])
-        _check_tangents(here, (params,), (v,))
+        params, v, inputs, targets = usable(params), usable(v), usable(inputs), usable(targets)
+        check_function(here, f)
+        check_primals(here, (params,), ["params"])
+        check_tangent(here, params, v)
         device = tree_flatten(params)[0][0].device
-        with safe_ops(), RandomGuard(here, randomness, device):
+        with differentiable(), safe_ops(), _guarded(here, randomness, device):
             z, pullback = vjp(lambda p: output(p, inputs), params)
-            _, transpose = vjp(lambda u: pullback(u)[0], tree_map_zeros(z))
+            _, transpose = vjp(lambda u: pullback(u)[0], _zeros_like(z))
             Jv = transpose(v)[0]
-            HJv = hvp(lambda zz: loss(zz, targets), (z,), (Jv,))
+            HJv = hvp(lambda zz: loss(zz, targets))(z, Jv)
             return pullback(HJv)[0]
 
     return ggn_vp_fn
 
 
-def tree_map_zeros(tree: PyTree) -> PyTree:
+def _zeros_like(tree: PyTree) -> PyTree:
     leaves, spec = tree_flatten(tree)
     return spec.unflatten([torch.zeros_like(leaf) for leaf in leaves])
 
@@ -273,8 +278,10 @@ def per_sample_ggn(
     f: Callable[..., Any],
     *,
     loss_fn: Callable[..., Tensor] | None = None,
-    chunk_size: int | None = None,
+    sample_chunk_size: ChunkSize = "auto",
+    max_memory: int | float | str | None = None,
     randomness: Randomness = "error",
+    chunk_size: int | None = None,
 ) -> Callable[..., PyTree]:
     """The GGN of every sample's loss, `J_iᵀ H_i J_i`, as blocks with a leading sample dimension.
 
@@ -286,12 +293,15 @@ def per_sample_ggn(
     Composition: `vmap` over the samples of [one `vjp` of the output of a batch of one, `vmap`ped
     over the output basis for `J_i`; `funchess.hessian` of the loss w.r.t. that output for `H_i`],
     then one batched matrix product written straight into the result. Much cheaper than
-    `per_sample_hessian` when the output is small: the result is written once.
+    `per_sample_hessian` when the output is small: the result is written once. For many
+    parameters the `(B, N, N)` result itself is the problem: work with the factors instead.
 
     Args:
         f: the loss function from `funchess.functional`, or a model-output function.
         loss_fn: the loss of `(output, targets)`; required when `f` is a plain function.
-        chunk_size: samples per vectorised pass; None bounds each pass automatically.
+        sample_chunk_size: samples per vectorised pass; "auto" bounds each pass automatically.
+        max_memory: the memory budget for the `(B, N, N)` result (bytes or "4GiB").
+        chunk_size: deprecated spelling of `sample_chunk_size` (removed in funchess 0.3).
         randomness: "error", "different" or "same", as in `torch.func.vmap`.
 
     Returns:
@@ -309,34 +319,41 @@ def per_sample_ggn(
         >>> torch.allclose(funchess.to_matrix(G, batch_dims=1).mean(0), funchess.to_matrix(funchess.ggn(f)(params, x, y)), atol=1e-6)
         True
     """
-    call = fmt_call("per_sample_ggn", chunk_size=chunk_size, randomness=randomness)
+    call = call_label("per_sample_ggn", {"loss_fn": loss_fn, "sample_chunk_size": sample_chunk_size,
+                                         "max_memory": max_memory, "randomness": randomness})
     output, loss = split_loss(call, f, loss_fn)
-    check_chunk_size(call, chunk_size)
+    sample_chunk_size, _ = sample_chunks(call, "per_sample_ggn", sample_chunk_size, chunk_size, rows_too=False)
+    b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
+    budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
     def per_sample_ggn_fn(params: PyTree, inputs: Any, targets: Any = None, *, out: Tensor | None = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
-        _check_primals(here, (params,), ["params"])
+        params, inputs, targets = usable(params), usable(inputs), usable(targets)
+        check_primals(here, (params,), ["params"])
         check_per_sample(here, f)
         samples = Samples(here, (inputs, targets))
-        leaves, spec = tree_flatten(params)
-        shapes = [p.shape for p in leaves]
-        B, N = samples.size, offsets(shapes)[-1]
+        leaves = tree_flatten(params)[0]
+        dtype, device = promoted_dtype(leaves), leaves[0].device
+        B, N = samples.size, offsets([p.shape for p in leaves])[-1]
         if out is not None:
-            check_out(here, out, (B, N, N), promoted_dtype(leaves), leaves[0].device)
+            check_out(here, out, (B, N, N), dtype, device)
+        else:
+            check_fits(here, f"{B:,} per-sample GGNs of {N:,} parameters", B * N * N * dtype.itemsize, device,
+                       budget, budget_from, _GGN_FIXES)
 
         def factors(*tensors: Tensor) -> tuple[Tensor, Tensor]:
             x, t = samples.one(tensors)
             J, z = _jacobian_and_output(output, params, x, None)
             return J, _loss_hessian(lambda zz: loss(zz, t), z) @ J
 
-        chunk = chunk_size or max(1, min(B, _PASS_BUDGET // max(N * N, 1)))
+        chunk = b_chunk or max(1, min(B, PASS_ENTRIES // max(N * N, 1)))
         pieces: list[Tensor] = []
-        with safe_ops():
+        with differentiable(), safe_ops():
             run = vmap(factors, randomness=randomness)
-            for b0, b1 in _chunks(B, chunk):
-                with random_errors(here):
+            for b0, b1 in chunks(B, chunk):
+                with random_errors(here, PER_SAMPLE_FIX):
                     J, HJ = run(*samples.tensors(b0, b1))
                 if inside_transform():
                     pieces.append(J.transpose(1, 2) @ HJ)
@@ -357,8 +374,10 @@ def empirical_fisher(
     f: Callable[..., Any],
     *,
     reduction: Reduction = "mean",
-    chunk_size: int | None = None,
+    sample_chunk_size: ChunkSize = "auto",
+    max_memory: int | float | str | None = None,
     randomness: Randomness = "error",
+    chunk_size: int | None = None,
 ) -> Callable[..., PyTree]:
     """The empirical Fisher `(1/B) Σ_i g_i g_iᵀ` (or the sum) from per-sample gradients.
 
@@ -374,7 +393,9 @@ def empirical_fisher(
     Args:
         f: the batch loss `f(params, *data)`.
         reduction: "mean" (default) or "sum", matching the loss's reduction.
-        chunk_size: samples per vectorised pass; None bounds each pass automatically.
+        sample_chunk_size: samples per vectorised pass; "auto" bounds each pass automatically.
+        max_memory: the memory budget for the `(N, N)` result (bytes or "4GiB").
+        chunk_size: deprecated spelling of `sample_chunk_size` (removed in funchess 0.3).
         randomness: "error", "different" or "same", as in `torch.func.vmap`.
 
     Example:
@@ -385,22 +406,29 @@ def empirical_fisher(
         >>> funchess.to_matrix(F).shape
         torch.Size([8, 8])
     """
-    call = fmt_call("empirical_fisher", reduction=reduction, chunk_size=chunk_size, randomness=randomness)
-    _check_callable(call, f)
+    call = call_label("empirical_fisher", {"reduction": reduction, "sample_chunk_size": sample_chunk_size,
+                                           "max_memory": max_memory, "randomness": randomness})
+    check_callable(call, f)
     check_reduction(call, reduction)
-    check_chunk_size(call, chunk_size)
+    sample_chunk_size, _ = sample_chunks(call, "empirical_fisher", sample_chunk_size, chunk_size, rows_too=False)
+    b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
+    budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
     def empirical_fisher_fn(params: PyTree, *data: Any) -> PyTree:
+        params, data = usable(params), usable(data)
         here, samples = per_sample_data(call, f, params, data)
-        N = sum(_numels(params))
+        leaves = tree_flatten(params)[0]
+        N, itemsize = sum(_numels(params)), promoted_dtype(leaves).itemsize
+        chunk = b_chunk or max(1, min(samples.size, PASS_ENTRIES // max(N, 1)))
+        check_fits(here, f"the empirical Fisher of {N:,} parameters", (N * N + chunk * N) * itemsize,
+                   leaves[0].device, budget, budget_from, "Use fewer parameters (funchess.functional(..., params=[...])) or a smaller sample_chunk_size")
         G_fn = per_sample_gradients(samples.loss(f), here, randomness)
-        chunk = chunk_size or max(1, min(samples.size, _PASS_BUDGET // max(N, 1)))
         F: Tensor | None = None
-        with safe_ops():
-            for b0, b1 in _chunks(samples.size, chunk):
-                with random_errors(here):
+        with differentiable(), safe_ops():
+            for b0, b1 in chunks(samples.size, chunk):
+                with random_errors(here, PER_SAMPLE_FIX):
                     grads, _ = tree_flatten(G_fn(params, *samples.tensors(b0, b1)))
                 g = torch.cat([t.reshape(b1 - b0, -1) for t in grads], 1)
                 F = g.T @ g if F is None else F.addmm(g.T, g)
@@ -410,12 +438,3 @@ def empirical_fisher(
         return from_matrix(F, params)
 
     return empirical_fisher_fn
-
-
-def check_reduction(call: str, reduction: str) -> None:
-    if reduction not in ("mean", "sum"):
-        raise InvalidArgumentError(
-            f"{call}: expected reduction to be 'mean' or 'sum' (how the loss reduces over a "
-            f"batch), got {reduction!r}. Pass the reduction your loss uses (PyTorch's default is "
-            f"'mean')."
-        )

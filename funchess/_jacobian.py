@@ -1,83 +1,41 @@
-"""Chunked Jacobians: the engine under `hessian`, `jacrev` and `jacfwd`.
+"""`jacrev` and `jacfwd`: chunked Jacobians in torch.func's output format.
 
 A Jacobian of `g: primals -> out` is computed in chunks of basis vectors, each chunk one `vmap`ped
 pass: rows of `vjp` (reverse mode: the forward and its graph are built once, then reused by every
 chunk) or columns of `jvp` (forward mode). Outside torch.func transforms the chunks are written
 into one preallocated `(M, N)` matrix, so peak memory is the result plus one chunk's working set;
-the returned blocks are views of that matrix. Inside a transform (e.g. under `vmap` for per-sample
-Hessians) writing into a buffer is not allowed, so the chunks are concatenated instead.
+the returned blocks are views of that matrix. Inside a transform (e.g. under `vmap`) writing into a
+buffer is not allowed, so the chunks are concatenated instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
+from ._checks import (
+    ChunkSize,
+    argnums_of,
+    call_label,
+    check_callable,
+    check_chunk_size,
+    check_primals,
+    split_aux,
+)
 from ._compat import inside_transform, jvp, vjp
-from ._errors import InvalidArgumentError
-from ._safe_ops import SecondOrderSafe
-from ._tree import blocks_of, offsets, tree_flatten, tree_unflatten
+from ._compose import check_function, run_modes, usable, with_primals
+from ._errors import OutputError
+from ._memory import default_chunk
+from ._tree import basis, blocks_of, chunks, offsets, tree_flatten, tree_unflatten
+
+__all__ = ["jacrev", "jacfwd", "jac_rev", "jac_fwd"]
 
 PyTree = Any
-_ROW_BUDGET = 1 << 22  # entries of one chunk of result rows when chunk_size is None (16 MiB f32)
-_MAX_CHUNK = 256  # measured best on CPU for MLPs: 64-256 (benchmarks/RESULTS.md)
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def safe_ops(enabled: bool = True) -> Iterator[SecondOrderSafe | None]:
-    """Enter funchess's operator rerouting once (nested transforms reuse the outer one); yields
-    the mode, or None when an outer call entered it or `enabled` is False."""
-    if not enabled or getattr(_state, "active", False):
-        yield None
-        return
-    _state.active = True
-    try:
-        with SecondOrderSafe() as mode:
-            yield mode
-    finally:
-        _state.active = False
-
-
-def check_chunk_size(call: str, chunk_size: int | None) -> None:
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InvalidArgumentError(
-            f"{call}: expected chunk_size to be a positive int or None, got {chunk_size!r}. "
-            f"Pass e.g. chunk_size=64 (smaller uses less memory, larger is faster)."
-        )
-
-
-def default_chunk(rows: int, cols: int) -> int:
-    """Rows per chunk when the caller gives none: bounded output per chunk, at most 256."""
-    return max(1, min(rows, _MAX_CHUNK, _ROW_BUDGET // max(cols, 1)))
-
-
-def _basis(
-    s: int, e: int, shapes: Sequence[torch.Size], dtypes: Sequence[torch.dtype], device: torch.device
-) -> list[Tensor]:
-    """Leaves of the standard basis vectors `s..e-1` of a raveled tree, batched along dim 0."""
-    c, total = e - s, offsets(shapes)[-1]
-    flat = torch.zeros(c, total, dtype=dtypes[0], device=device)
-    idx = torch.arange(c, device=device)
-    flat[idx, idx + s] = 1
-    off = offsets(shapes)
-    return [
-        flat[:, off[i] : off[i + 1]].reshape(c, *shapes[i]).to(dtypes[i]) for i in range(len(shapes))
-    ]
-
-
-def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
-    for s in range(0, n, chunk_size):
-        yield s, min(n, s + chunk_size)
 
 
 class _Fill:
@@ -129,10 +87,10 @@ def jac_rev(
     chunk = chunk_size or default_chunk(M, N)
     fill = _Fill(M, N, by_rows=True)
     pullback = vmap(vjp_fn)
-    for s, e in _chunks(M, chunk):
+    for s, e in chunks(M, chunk):
         cot = tree_unflatten(
             out_spec,
-            _basis(s, e, out_shapes, [o.dtype for o in out_leaves], out_leaves[0].device),
+            basis(s, e, out_shapes, [o.dtype for o in out_leaves], out_leaves[0].device),
         )
         rows, _ = tree_flatten(pullback(cot))
         fill.put(s, e, _rows_of(rows, e - s))
@@ -167,7 +125,7 @@ def jac_fwd(
     s = 0
     while s < N:
         e = min(N, s + chunk)
-        result = batched(*_basis(s, e, in_shapes, [p.dtype for p in in_leaves], in_leaves[0].device))
+        result = batched(*basis(s, e, in_shapes, [p.dtype for p in in_leaves], in_leaves[0].device))
         if has_aux:
             result, aux = result
         cols, out_spec = tree_flatten(result)
@@ -182,3 +140,92 @@ def jac_fwd(
     assert fill is not None and out_spec is not None
     J = fill.result(in_leaves[0])
     return blocks_of(J, (out_shapes, out_spec), ([p.shape for p in tree_flatten(inner)[0]], inner_spec)), aux
+
+
+def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any) -> Callable[..., Any]:
+    call = call_label(name, {"argnums": argnums, "has_aux": has_aux, "chunk_size": chunk_size})
+    check_callable(call, f)
+    chunk = check_chunk_size(call, chunk_size)
+    single = isinstance(argnums, int)
+
+    @functools.wraps(f)
+    def jac_fn(*args: Any, **kwargs: Any) -> Any:
+        here = f"{call}(...)"
+        check_function(here, f)
+        args, kwargs = usable(args), usable(kwargs)
+        nums = argnums_of(here, argnums, len(args))
+        primals = tuple(args[i] for i in nums)
+        check_primals(here, primals, [f"argument {i}" for i in nums])
+        h = with_primals(f, args, kwargs, nums)
+
+        def checked(*p: Any) -> Any:
+            value, aux = split_aux(here, h(*p), has_aux)
+            for leaf in tree_flatten(value)[0]:
+                if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+                    raise OutputError(
+                        f"{here}: f must return floating-point Tensors (a pytree of them), "
+                        f"got {type(leaf).__name__ if not isinstance(leaf, Tensor) else leaf.dtype}. "
+                        f"Return the differentiable outputs only (use has_aux=True for others)."
+                    )
+            return (value, aux) if has_aux else value
+
+        inner = primals[0] if single else primals
+        engine = jac_fwd if forward else jac_rev
+        J, aux = run_modes(here, name, {name: lambda: engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk)})
+        return (J, aux) if has_aux else J
+
+    return jac_fn
+
+
+def jacrev(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: ChunkSize = "auto",
+) -> Callable[..., Any]:
+    """Reverse-mode Jacobian, chunked, in torch.func's output format.
+
+    `jacrev(f)(*args)` is the tree product of f's output with `args[argnums]`: a leaf of shape
+    `(*out.shape, *arg.shape)` per (output leaf, argument leaf). Composition: one `vjp`, then
+    `vmap` over chunks of `chunk_size` output basis vectors, written into one preallocated matrix.
+    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian.
+
+    Args:
+        f: a function returning a Tensor or a pytree of Tensors (plus aux with `has_aux=True`).
+        argnums: the argument(s) to differentiate.
+        has_aux: f returns `(output, aux)`; the result is then `(J, aux)`.
+        chunk_size: output entries (rows) per vectorised pass; "auto" (default; `None` means the
+            same) bounds each chunk's result automatically.
+
+    Example:
+        >>> import torch, funchess
+        >>> J = funchess.jacrev(lambda x: x ** 2, chunk_size=2)(torch.tensor([1.0, 2.0, 3.0]))
+        >>> J
+        tensor([[2., 0., 0.],
+                [0., 4., 0.],
+                [0., 0., 6.]])
+    """
+    return _jacobian("jacrev", False, f, argnums, has_aux, chunk_size)
+
+
+def jacfwd(
+    f: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: ChunkSize = "auto",
+) -> Callable[..., Any]:
+    """Forward-mode Jacobian with `chunk_size` (which `torch.func.jacfwd` lacks).
+
+    Same output format as `funchess.jacrev`. Composition: `vmap` of `jvp` over chunks of
+    `chunk_size` input basis vectors (columns). Prefer it when f has fewer inputs than outputs.
+
+    Example:
+        >>> import torch, funchess
+        >>> f = lambda p: (p ** 3).sum()
+        >>> funchess.jacfwd(funchess.jacrev(f), chunk_size=1)(torch.tensor([1.0, 2.0]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    return _jacobian("jacfwd", True, f, argnums, has_aux, chunk_size)

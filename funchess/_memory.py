@@ -6,8 +6,9 @@ The estimate has three parts:
 - the graph kept while the chunks run: the forward's saved activations plus the first backward
   built with `create_graph` (about `3 A`, `A` the bytes autograd saves in one forward), plus a
   fixed 8 MiB for the allocator's and Python's own temporaries;
-- per row of a vectorised pass: the double backward's intermediates (about `2 A`; measured
-  0.9-2.2 A on MLPs and conv nets, see tests/test_memory.py) plus the basis row and the result row.
+- per row of a vectorised pass: the double backward's intermediates (about `2 A`, calibrated on
+  MLPs and conv nets; tests/test_memory.py checks measured peaks against the plan) plus the basis
+  row and the result row.
 
 `A` is measured, not guessed: one forward runs under `torch.autograd.graph.saved_tensors_hooks`
 that add up the bytes of every saved tensor (the same probe counts the FLOPs of its matrix products
@@ -32,10 +33,14 @@ from ._errors import InvalidArgumentError, MemoryBudgetError
 
 _GRAPH_FACTOR = 3.0
 _ROW_FACTOR = 2.0
-_DEFAULT_FRACTION = 0.8
+DEFAULT_FRACTION = 0.8
 _PLAN_FRACTION = 0.95
 _OVERHEAD = 8 * 2**20  # the allocator's and Python's own temporaries, measured on CPU
-MAX_CHUNK = 256  # larger chunks were not faster on CPU in our measurements (benchmarks/RESULTS.md)
+#: The one chunk policy. A vectorised pass computes at most `MAX_CHUNK` rows (vectors) and at most
+#: `PASS_ENTRIES` result entries when nothing better is known; the planner picks larger or smaller
+#: chunks from measured costs where it runs (benchmarks/RESULTS.md has the measurements).
+MAX_CHUNK = 256
+PASS_ENTRIES = 1 << 23
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -51,7 +56,7 @@ def format_bytes(n: float) -> str:
 
 def parse_bytes(call: str, value: int | float | str) -> int:
     """`4 * 2**30`, `"4GiB"`, `"500 MB"` -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
         return int(value)
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
@@ -63,8 +68,28 @@ def parse_bytes(call: str, value: int | float | str) -> int:
     )
 
 
-def available_bytes(device: torch.device) -> int:
-    """Free memory on `device`: the CUDA allocator's view, or `MemAvailable` for the CPU."""
+def default_chunk(rows: int, width: int) -> int:
+    """Rows (or vectors) per vectorised pass when nothing is measured: at most `MAX_CHUNK`, and at
+    most `PASS_ENTRIES` result entries for rows of `width` entries."""
+    return max(1, min(rows, MAX_CHUNK, PASS_ENTRIES // max(width, 1)))
+
+
+def budget_of(call: str, max_memory: int | float | str | None) -> tuple[int | None, str]:
+    """`(bytes or None for the default, how the budget was set)` for error messages."""
+    if max_memory is None:
+        return None, "80% of the device's free memory"
+    return parse_bytes(call, max_memory), f"max_memory={max_memory!r}"
+
+
+def default_budget(device: torch.device) -> int:
+    """80 % of the free memory of `device`."""
+    return int(DEFAULT_FRACTION * available_bytes(device))
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Free memory on `device`: the CUDA allocator's view, or `MemAvailable` for the CPU (the
+    physical pages available, or 2**62 where the system does not say)."""
+    device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -112,7 +137,7 @@ _FLOPS: dict[Any, Callable[..., int]] = {
 
 class _CountFlops(TorchDispatchMode):
     """Counts the FLOPs of the matrix products and convolutions every operator lowers to (a lean
-    `torch.utils.flop_counter.FlopCounterMode`: measured 5x cheaper on small models)."""
+    `torch.utils.flop_counter.FlopCounterMode`, with a fraction of its overhead)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,8 +154,9 @@ class _CountFlops(TorchDispatchMode):
         return out
 
 
-def probe(h: Callable[..., Any], primals: tuple[Any, ...], leaves: list[Tensor], rebuild: Callable[[list[Tensor]], tuple[Any, ...]]) -> Probe:
-    """Evaluate `h` once at `primals`, adding up the saved tensors' bytes and counting FLOPs."""
+def measure(fn: Callable[[], Any]) -> Probe:
+    """Run `fn()` once with grad on, adding up the bytes of every tensor autograd saves and counting
+    the FLOPs of its matrix products and convolutions."""
     total = 0
 
     def pack(t: Tensor) -> Tensor:
@@ -138,11 +164,16 @@ def probe(h: Callable[..., Any], primals: tuple[Any, ...], leaves: list[Tensor],
         total += t.numel() * t.element_size()
         return t
 
-    fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
     counter = _CountFlops()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
-        h(*rebuild(fresh))
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+        fn()
     return Probe(total, counter.flops, counter.conv_flops)
+
+
+def probe(h: Callable[..., Any], leaves: list[Tensor], rebuild: Callable[[list[Tensor]], tuple[Any, ...]]) -> Probe:
+    """`measure` one evaluation of `h` at the point whose differentiated leaves are `leaves`."""
+    fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    return measure(lambda: h(*rebuild(fresh)))
 
 
 @dataclass(frozen=True)
@@ -202,7 +233,7 @@ def make_plan(
     joint: bool = False,
 ) -> MemoryPlan:
     """`joint`: every row is a basis vector and a result row over all parameters (`max_width`
-    entries each) and about `A` of intermediates (measured 0.7-1.0 A on small MLPs); otherwise a
+    entries each) and about `A` of intermediates (calibrated on small MLPs); otherwise a
     basis row of `max_rows` entries, a result row plus its copy, and `2 A`."""
     graph = int(_GRAPH_FACTOR * saved) + _OVERHEAD
     if joint:
@@ -217,12 +248,35 @@ def make_plan(
     return MemoryPlan(output_bytes, graph, row, int(chunk), output_bytes + graph + int(chunk) * row, budget, str(device))
 
 
-def too_big(call: str, what: str, plan: MemoryPlan, budget_from: str) -> MemoryBudgetError:
+_HESSIAN_FIXES = (
+    "Compute fewer blocks (blocks='diagonal' or blocks=['layer.*']), only the diagonal "
+    "(funchess.hessian_diagonal), use matrix-free products (funchess.hvp, funchess.HessianOperator)"
+)
+
+
+def too_big(call: str, what: str, plan: MemoryPlan, budget_from: str, fixes: str = _HESSIAN_FIXES) -> MemoryBudgetError:
+    """The sized error for a plan that does not fit; `fixes` names the cheaper alternatives."""
     error = MemoryBudgetError(
-        f"{call}: {what} {plan}; expected it to fit the budget ({budget_from}). Compute fewer "
-        f"blocks (blocks='diagonal' or blocks=['layer.*']), only the diagonal "
-        f"(funchess.hessian_diagonal), use matrix-free products (funchess.hvp), pass a larger "
-        f"max_memory, or use a device with more memory."
+        f"{call}: {what} {plan}; expected it to fit the budget ({budget_from}). {fixes}, pass a "
+        f"larger max_memory, or use a device with more memory."
     )
     error.plan = plan
     return error
+
+
+def check_fits(
+    call: str, what: str, nbytes: int, device: torch.device, budget: int | None, budget_from: str, fixes: str
+) -> None:
+    """Raise a sized MemoryBudgetError before allocating `nbytes` for `what` when it does not fit
+    the budget (`budget` bytes, or by default 80 % of the device's free memory)."""
+    limit = budget if budget is not None else default_budget(device)
+    if nbytes <= limit:
+        return
+    plan = MemoryPlan(nbytes, 0, 0, 0, nbytes, limit, str(device))
+    error = MemoryBudgetError(
+        f"{call}: {what} needs {format_bytes(nbytes)} on {device} of a budget of {format_bytes(limit)}; "
+        f"expected it to fit the budget ({budget_from}). {fixes}, pass a larger max_memory, or use a "
+        f"device with more memory."
+    )
+    error.plan = plan
+    raise error

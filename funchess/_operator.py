@@ -14,9 +14,10 @@ Operators here:
 
 - `FunctionOperator(fn, structure)`: any linear map given as a pytree -> pytree function (a
   Hessian-, GGN- or Fisher-vector product, ...). Curvature operators are thin subclasses of it.
-- `HessianOperator(f, params, *args)`: the Hessian of `f(params, *args)` w.r.t. `params`, one
-  `funchess.hvp` per vector (`vmap`ped over chunks of vectors).
 - `DenseOperator(H, params)`: a materialised Hessian (a block pytree or an `(N, N)` matrix).
+
+The curvature operators (`HessianOperator`, `GGNOperator`, `DatasetOperator`) live in
+`funchess/_curvature_operators.py`, one layer up: they need the transforms, this module does not.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from ._checks import check_callable, check_chunk_size
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
-from ._hessian import Mode, _check_callable, _check_mode, _check_primals, hvp
-from ._jacobian import _basis as _jacobian_basis
-from ._jacobian import _chunks, check_chunk_size, default_chunk
-from ._tree import offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
+from ._memory import default_chunk
+from ._tree import basis, chunks, offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
 
 __all__ = [
     "LinearOperator",
     "FunctionOperator",
-    "HessianOperator",
     "DenseOperator",
     "diagonal",
     "trace",
@@ -68,7 +67,7 @@ class LinearOperator(abc.ABC):
         dtype: the dtype of flat vectors (the promoted dtype of the structure's leaves).
         device: where the products are computed.
         symmetric: whether `op.T` is `op` (all curvature operators are symmetric).
-        chunk_size: vectors per vectorised pass; None bounds each chunk automatically.
+        chunk_size: vectors per vectorised pass; None ("auto") bounds each chunk automatically.
 
     Example:
         >>> import torch, funchess
@@ -81,6 +80,10 @@ class LinearOperator(abc.ABC):
                 [1., 3.]])
     """
 
+    #: the randomness of the `vmap` over vectors: "error", or "same" for an operator that replays
+    #: one draw of random numbers in every product (curvature operators with randomness="same")
+    randomness: str = "error"
+
     def __init__(
         self,
         structure: PyTree,
@@ -91,7 +94,7 @@ class LinearOperator(abc.ABC):
         device: torch.device | None = None,
     ) -> None:
         call = f"funchess.{type(self).__name__}(...)"
-        check_chunk_size(call, chunk_size)
+        chunk_size = check_chunk_size(call, chunk_size)
         leaves, spec = tree_flatten(structure)
         if not leaves or not all(isinstance(leaf, Tensor) for leaf in leaves):
             raise StructureError(
@@ -131,8 +134,8 @@ class LinearOperator(abc.ABC):
         if k == 1:  # no vmap for a single vector: it saves the batching overhead
             return self._mv_flat(rows[0]).unsqueeze(0)
         size = self.chunk_size or default_chunk(k, n)
-        batched = vmap(self._mv_flat)
-        return torch.cat([batched(rows[s:e]) for s, e in _chunks(k, size)])
+        batched = vmap(self._mv_flat, randomness=self.randomness)
+        return torch.cat([batched(rows[s:e]) for s, e in chunks(k, size)])
 
     def _rows(self, call: str, x: Any) -> tuple[Tensor, Callable[[Tensor], Any], bool]:
         """`x` as a `(k, N)` Tensor of rows, the map from result rows back to `x`'s form, and
@@ -197,7 +200,7 @@ class LinearOperator(abc.ABC):
         """
         n = self.shape[0]
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
-        for s, e in _chunks(n, self.chunk_size or default_chunk(n, n)):
+        for s, e in chunks(n, self.chunk_size or default_chunk(n, n)):
             out[:, s:e] = self._mm(_basis(s, e, n, self.dtype, self.device)).T
         return out
 
@@ -267,7 +270,7 @@ class LinearOperator(abc.ABC):
 
 def _basis(s: int, e: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Rows `s..e-1` of the `(n, n)` identity, made lazily (one chunk at a time)."""
-    return _jacobian_basis(s, e, [torch.Size([n])], [dtype], device)[0]
+    return basis(s, e, [torch.Size([n])], [dtype], device)[0]
 
 
 class FunctionOperator(LinearOperator):
@@ -290,7 +293,7 @@ class FunctionOperator(LinearOperator):
         >>> import torch, funchess
         >>> f = lambda p: (p["w"] ** 4).sum()
         >>> params = {"w": torch.tensor([1.0, 2.0])}
-        >>> op = funchess.FunctionOperator(lambda v: funchess.hvp(f, (params,), (v,)), params)
+        >>> op = funchess.FunctionOperator(lambda v: funchess.hvp(f)(params, v), params)
         >>> op @ torch.tensor([1.0, 1.0])
         tensor([12., 48.])
     """
@@ -304,7 +307,7 @@ class FunctionOperator(LinearOperator):
         chunk_size: int | None = None,
         vectorize: bool = True,
     ) -> None:
-        _check_callable(f"funchess.{type(self).__name__}(fn, structure)", fn)
+        check_callable(f"funchess.{type(self).__name__}(fn, structure)", fn, "fn")
         super().__init__(structure, symmetric=symmetric, chunk_size=chunk_size)
         self.fn = fn
         self.vectorize = vectorize
@@ -317,64 +320,6 @@ class FunctionOperator(LinearOperator):
         if self.vectorize:
             return super()._mm(rows)
         return torch.stack([self._mv_flat(r) for r in rows]) if len(rows) else rows.clone()
-
-
-class HessianOperator(FunctionOperator):
-    """The Hessian of `f(params, *args)` w.r.t. `params`, as a matrix-free operator.
-
-    Each product is one `funchess.hvp` (reverse-over-reverse by default: `vjp` of the gradient,
-    i.e. a double backward); batched products `vmap` it over chunks of `chunk_size` tangents, so
-    the forward and first backward run once per chunk. Nothing of size `N x N` is ever formed.
-    `f` is typically the function from `funchess.functional(model, loss_fn)`, and `args` one batch
-    `(inputs, targets)`. For other curvature products (GGN, Fisher, a data-set sum), wrap the
-    product in a `FunctionOperator` the same way.
-
-    Args:
-        f: a function returning a scalar Tensor; the Hessian is taken w.r.t. its first argument.
-        params: the point, a pytree of floating Tensors (e.g. the params dict).
-        *args: the remaining arguments of `f` (e.g. `inputs, targets`), held fixed.
-        mode: `funchess.hvp`'s mode: "auto" (rev-rev, falling back to fwd-rev when an operator
-            lacks a double-backward rule), "rev-rev" or "fwd-rev".
-        chunk_size: tangents per vectorised pass (None: bounded automatically, at most 256).
-
-    Raises:
-        InvalidArgumentError: f is not callable, bad mode or chunk_size, or params is empty or
-            not floating point.
-
-    Example:
-        >>> import torch, funchess
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> f, params = funchess.functional(model, torch.nn.functional.mse_loss)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
-        >>> H = funchess.HessianOperator(f, params, x, y)
-        >>> H.shape
-        (26, 26)
-        >>> v = {k: torch.randn_like(p) for k, p in params.items()}
-        >>> Hv = H @ v
-        >>> torch.allclose(funchess.ravel(Hv), H.as_matrix() @ funchess.ravel(v), atol=1e-5)
-        True
-    """
-
-    def __init__(
-        self,
-        f: Callable[..., Any],
-        params: PyTree,
-        *args: Any,
-        mode: Mode = "auto",
-        chunk_size: int | None = None,
-    ) -> None:
-        call = "funchess.HessianOperator(f, params, *args)"
-        _check_callable(call, f)
-        _check_mode(call, mode)
-        _check_primals(call, (params,), ["params"])
-        self.f, self.params, self.args, self.mode = f, params, args, mode
-
-        def loss(p: PyTree) -> Tensor:
-            return f(p, *args)  # type: ignore[no-any-return]
-
-        super().__init__(
-            lambda v: hvp(loss, (params,), (v,), mode=mode), params, symmetric=True, chunk_size=chunk_size
-        )
 
 
 class DenseOperator(LinearOperator):
@@ -421,9 +366,12 @@ class DenseOperator(LinearOperator):
                 f"funchess.to_matrix(H) or the Hessian pytree itself."
             )
         n = matrix.shape[0]
-        if symmetric is None:
-            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(matrix.abs().max()) if n else 0.0
-            symmetric = bool((matrix - matrix.T).abs().max() <= tol) if n else True
+        if symmetric is None:  # NaNs in mirrored places do not make a matrix asymmetric
+            finite = matrix.nan_to_num(0.0, 0.0, 0.0)
+            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(finite.abs().max()) if n else 0.0
+            symmetric = (
+                bool((finite - finite.T).abs().max() <= tol and torch.equal(matrix.isnan(), matrix.isnan().T)) if n else True
+            )
         if params is None:
             params = torch.empty(n, dtype=matrix.dtype, device="meta")
         super().__init__(params, symmetric=symmetric, dtype=matrix.dtype, device=matrix.device)
@@ -471,7 +419,7 @@ class _TransposedOperator(LinearOperator):
 # ------------------------------------------------------------------------- operations (extensible)
 
 
-def _check_operator(call: str, op: Any) -> LinearOperator:
+def check_operator(call: str, op: Any) -> LinearOperator:
     if not isinstance(op, LinearOperator):
         raise InvalidArgumentError(
             f"{call}: expected a funchess.LinearOperator (e.g. funchess.HessianOperator(f, "
@@ -497,10 +445,10 @@ def diagonal(op: LinearOperator) -> PyTree:
         >>> funchess.diagonal(funchess.HessianOperator(f, params))
         {'w': tensor([ 6., 12.])}
     """
-    op = _check_operator("funchess.diagonal(op)", op)
+    op = check_operator("funchess.diagonal(op)", op)
     n = op.shape[0]
     out = torch.empty(n, dtype=op.dtype, device=op.device)
-    for s, e in _chunks(n, op.chunk_size or default_chunk(n, n)):
+    for s, e in chunks(n, op.chunk_size or default_chunk(n, n)):
         cols = op._mm(_basis(s, e, n, op.dtype, op.device))
         out[s:e] = cols[torch.arange(e - s), torch.arange(s, e)]
     return unravel(out, op.structure)
@@ -517,14 +465,14 @@ def trace(op: LinearOperator) -> Tensor:
 
     A `functools.singledispatch` function like `funchess.diagonal`; the generic method sums
     `funchess.diagonal(op)` (`N` products). For an estimate from a few products use
-    `funchess.hutchpp_trace` or `funchess.hutchinson_trace`.
+    `funchess.trace_estimate`.
 
     Example:
         >>> import torch, funchess
         >>> funchess.trace(funchess.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0]))))
         tensor(6.)
     """
-    _check_operator("funchess.trace(op)", op)
+    check_operator("funchess.trace(op)", op)
     return ravel(diagonal(op)).sum()
 
 

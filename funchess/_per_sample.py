@@ -1,258 +1,90 @@
 """Per-sample curvature: gradients, Hessians and Hessian-vector products of every sample's loss.
 
-The convention: `f(params, *data)` is a loss over a *batch* (e.g. `funchess.functional(model,
-loss_fn)`), every Tensor in `data` holds the samples along dim 0, and the loss of sample `i` is
-`f` on a batch of one, `f(params, *[d[i:i+1] for d in data])`. The same `f` therefore serves the
-batch Hessian (`funchess.hessian(f)`) and the per-sample ones; with a mean-reduced loss the batch
-loss is the mean of the per-sample losses, so `per_sample_hessian(f)(...).mean(0)` is
-`hessian(f)(...)` (with `reduction='sum'`, the sum).
+The convention (`funchess/_samples.py`): `f(params, *data)` is a loss over a *batch*, every
+Tensor in `data` holds the samples along dim 0, and the loss of sample `i` is `f` on a batch of
+one. The same `f` therefore serves the batch Hessian (`funchess.hessian(f)`) and the per-sample
+ones; with a mean-reduced loss, `per_sample_hessian(f)(...).mean(0)` is `hessian(f)(...)`.
 
-The samples are a `vmap` dimension, never a Python loop: "fwd-rev" pushes a chunk of basis
-directions through the `jvp` of the `vmap`ped per-sample gradient, so one pass yields those columns
-of *every* sample's Hessian; "rev-rev" pulls basis rows back through the `vjp` of the per-sample
-gradient taken at parameters broadcast to one copy per sample.
+`per_sample_hessian` has three routes:
 
-Random operations (dropout in train mode) follow `torch.func.vmap`'s `randomness`; every pass over
-the same samples replays the same random numbers, so the forward and all derivative passes of a
-sample see one dropout mask.
+- deterministic `f`, outside transforms: `funchess.hessian`'s symmetric block engine with the
+  samples as one more `vmap` dimension, every piece written straight into the `(B, N, N)` result
+  (`_engine_route`);
+- inside an outer transform (no writing into buffers): `vmap(funchess.hessian)` over chunks of
+  samples, concatenated (`_vmapped_route`);
+- random `f` (`randomness` other than "error"): `jvp`/`vjp` of the `vmap`ped per-sample gradient,
+  the generators replayed before every pass so a sample sees one mask (`_replay_route`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import vmap
 
-from ._compat import inside_transform, jvp, vjp
-from ._engine import Layout, _forward_group, _reverse_group, groups
-from ._engine import _basis as _engine_basis
-from ._errors import InvalidArgumentError, StructureError, UnsupportedError
-from ._functional import ModuleFunction
-from ._hessian import (
-    _RANDOM,
-    _check_callable,
-    _check_mode,
-    _check_primals,
-    _check_tangents,
-    _gradient,
-    _run,
-    _scalar_fn,
-    hessian,
+from ._checks import (
+    ChunkSize,
+    Randomness,
+    call_label,
+    check_callable,
+    check_chunk_size,
+    check_mode,
+    check_out,
+    check_primals,
+    check_randomness,
+    check_tangent,
+    deprecated,
+    scalar_output,
 )
-from ._jacobian import _basis, _chunks, check_chunk_size
-from ._tree import blocks_of, offsets, promoted_dtype, tree_flatten, tree_map, tree_unflatten
+from ._compat import inside_transform, jvp, vjp
+from ._compose import RandomState, random_error, run_modes, usable
+from ._engine import Layout, forward_group, groups, reverse_group
+from ._errors import UnsupportedError
+from ._hessian import hessian
+from ._memory import MAX_CHUNK, PASS_ENTRIES
+from ._samples import PER_SAMPLE_FIX, Samples, check_per_sample, expand, per_sample_data, per_sample_gradients
+from ._tree import basis, blocks_of, chunks, promoted_dtype, tree_flatten, tree_unflatten
 
-__all__ = ["per_sample_grad", "per_sample_hessian", "per_sample_hvp", "Randomness"]
+__all__ = ["per_sample_grad", "per_sample_hessian", "per_sample_hvp", "sample_chunks"]
 
 PyTree = Any
-Randomness = Literal["error", "same", "different"]
-_RANDOMNESS: tuple[str, ...] = ("error", "same", "different")
-_PER_SAMPLE_ORDER: tuple[str, ...] = ("fwd-rev", "rev-rev")  # with dropout: fwd-rev measured faster
+_REPLAY_ORDER: tuple[str, ...] = ("fwd-rev", "rev-rev")  # with dropout: fwd-rev measured faster
 _ENGINE_ORDER: tuple[str, ...] = ("rev-rev", "fwd-rev")  # deterministic f: the block engine, rev-rev first
-_PASS_BUDGET = 1 << 23  # Hessian entries one vectorised pass produces (32 MiB in float32)
-_MAX_ROWS = 256
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-_DEFAULTS: dict[str, Any] = {"mode": "auto", "randomness": "error", "reduction": "mean", "progress": False}
-
-
-def fmt_call(name: str, **opts: Any) -> str:
-    """`funchess.name(f, opt=...)` showing the options that differ from their defaults."""
-    shown = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None and v != _DEFAULTS.get(k))
-    return f"funchess.{name}(f{shown})"
-
-
-@contextlib.contextmanager
-def random_errors(call: str) -> Iterator[None]:
-    """Re-raise torch's vmap randomness error as an UnsupportedError naming the fix."""
-    try:
-        yield
-    except (RuntimeError, NotImplementedError) as exc:
-        translated = random_error(call, exc)
-        if translated is None:
-            raise
-        raise translated from exc
-
-
-def check_randomness(call: str, randomness: str, allowed: Sequence[str] = _RANDOMNESS) -> None:
-    if randomness not in allowed:
-        raise InvalidArgumentError(
-            f"{call}: expected randomness to be one of {', '.join(map(repr, allowed))}, got "
-            f"{randomness!r}. Keep 'error' for a deterministic model (model.eval()); pass "
-            f"'different' to give every sample its own dropout mask."
-        )
-
-
-def coupling_layer(f: Any) -> tuple[str, nn.Module] | None:
-    """A layer of `f`'s model whose output mixes the samples of a batch (batch statistics)."""
-    model = getattr(f, "model", None) if isinstance(f, ModuleFunction) else None
-    if model is None:
-        return None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-            return name, m
-    return None
-
-
-def check_per_sample(call: str, f: Any) -> None:
-    model = getattr(f, "model", None) if isinstance(f, ModuleFunction) else None
-    for name, m in model.named_modules() if model is not None else ():
-        if isinstance(m, nn.RNNBase):
-            raise UnsupportedError(
-                f"{call}: the model has {type(m).__name__} {name!r}; torch.func.vmap has no "
-                f"batching rule for recurrent layers, so per-sample quantities cannot be "
-                f"vectorised over the samples. Loop over them instead, e.g. "
-                f"[funchess.hessian(f)(params, x[i:i+1], y[i:i+1]) for i in range(len(x))]."
+def sample_chunks(call: str, name: str, sample_chunk_size: Any, chunk_size: Any, *, rows_too: bool) -> tuple[Any, Any]:
+    """`(sample_chunk_size, chunk_size)` after the 0.2 renaming. Before 0.2, per-sample functions'
+    `chunk_size` counted samples; now `sample_chunk_size` does and `chunk_size` counts rows (in
+    `per_sample_hessian`, `rows_too`) or is the deprecated spelling of `sample_chunk_size`."""
+    if rows_too:  # the default sample_chunk_size is None, so an explicit "auto" silences the warning
+        if chunk_size not in (None, "auto") and sample_chunk_size is None:
+            deprecated(
+                f"{call}: chunk_size now counts Hessian rows per pass (before funchess 0.2 it counted "
+                f"samples, which sample_chunk_size counts now). Pass sample_chunk_size= too to "
+                f"silence this warning; it goes away in funchess 0.3."
             )
-    hit = coupling_layer(f)
-    if hit is not None:
-        name, m = hit
-        state = "in train mode" if m.training else "with track_running_stats=False"
-        raise InvalidArgumentError(
-            f"{call}: the model has {type(m).__name__} {name!r} {state}; its batch statistics "
-            f"couple the samples, so per-sample quantities are undefined. Expected every batch "
-            f"norm to use running statistics: call model.eval() (a sample's loss is then one "
-            f"sample through the eval model). For the Hessian of the whole batch in train mode, "
-            f"use funchess.hessian."
+        return sample_chunk_size, chunk_size
+    if chunk_size not in (None, "auto"):
+        deprecated(
+            f"{call}: chunk_size is deprecated for samples per pass; use sample_chunk_size= "
+            f"(chunk_size counts rows or vectors everywhere in funchess). It is removed in funchess 0.3."
         )
+        if sample_chunk_size in (None, "auto"):
+            return chunk_size, "auto"
+    return sample_chunk_size, chunk_size
 
 
-def check_out(call: str, out: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    """`out=` must be a contiguous Tensor of the result's shape, dtype and device, outside transforms."""
-    if inside_transform():
-        raise UnsupportedError(
-            f"{call}: out= cannot be used inside torch.func transforms (vmap, grad, ...), which do "
-            f"not allow writing into a buffer. Drop out= there."
-        )
-    got = (
-        f"a {type(out).__name__}" if not isinstance(out, Tensor)
-        else f"shape {tuple(out.shape)}, {out.dtype} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
-    )
-    if (
-        not isinstance(out, Tensor) or tuple(out.shape) != shape or out.dtype != dtype
-        or out.device != device or not out.is_contiguous()
-    ):
-        raise StructureError(
-            f"{call}: expected out to be a contiguous Tensor of shape {shape} (samples, N, N), "
-            f"{dtype} on {device}, got {got}. Allocate it once with torch.empty({', '.join(map(str, shape))}, "
-            f"dtype={dtype}, device='{device}'), or drop out=."
-        )
-
-
-def random_error(call: str, exc: BaseException) -> UnsupportedError | None:
-    if isinstance(exc, (RuntimeError, NotImplementedError)) and _RANDOM.search(str(exc)):
-        return UnsupportedError(
-            f"{call}: f draws random numbers (e.g. dropout in train mode) with "
-            f"randomness='error'; expected a deterministic function. Call model.eval(), or pass "
-            f"randomness='different' (each sample its own mask, as in training) or 'same' (one "
-            f"mask for all samples); every derivative pass then replays the forward's mask."
-        )
-    return None
-
-
-class Samples:
-    """The data arguments of a call, split into per-sample Tensors (batched on dim 0) and the rest."""
-
-    def __init__(self, call: str, data: tuple[Any, ...]) -> None:
-        self.leaves, self.spec = tree_flatten(data)
-        self.where = [f"args[{p[0] + 1}]" + "".join(f"[{q!r}]" for q in p[1:]) for p in self.spec.paths()]
-        self.index = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, Tensor)]
-        if not self.index:
-            raise StructureError(
-                f"{call}: expected per-sample data after params (Tensors with the samples along "
-                f"dim 0), got {len(data)} argument(s) with no Tensor. Call it as "
-                f"fn(params, inputs, targets)."
-            )
-        first = self.index[0]
-        for i in self.index:
-            t = self.leaves[i]
-            if t.dim() == 0 or t.shape[0] != self.leaves[first].shape[0]:
-                raise StructureError(
-                    f"{call}: every Tensor of the data must hold the samples along dim 0; "
-                    f"expected size {self.leaves[first].shape[0]} (from {self.where[first]}), got "
-                    f"shape {tuple(t.shape)} at {self.where[i]}. Pass per-sample data only; close "
-                    f"over tensors shared by all samples inside f."
-                )
-        self.size = int(self.leaves[first].shape[0])
-
-    def tensors(self, start: int = 0, stop: int | None = None) -> list[Tensor]:
-        return [self.leaves[i][start:stop] for i in self.index]
-
-    def one(self, tensors: Sequence[Tensor]) -> tuple[Any, ...]:
-        """The data arguments of a batch of one, from one sample's tensors (given without dim 0)."""
-        full = list(self.leaves)
-        for i, t in zip(self.index, tensors):
-            full[i] = t.unsqueeze(0)
-        return tuple(tree_unflatten(self.spec, full))
-
-    def loss(self, f: Callable[..., Any]) -> Callable[..., Any]:
-        """`ell(params, *sample_tensors)`: f on a batch of one."""
-        return lambda params, *tensors: f(params, *self.one(tensors))
-
-
-def per_sample_data(call: str, f: Any, params: PyTree, data: tuple[Any, ...]) -> tuple[str, Samples]:
-    """Check a per-sample call's params and model, split its data: `(call with args, samples)`."""
-    here = f"{call}(params, ...)"
-    _check_primals(here, (params,), ["params"])
-    check_per_sample(here, f)
-    return here, Samples(here, data)
-
-
-class Replay:
-    """Restores the random number generators before each pass over the same samples."""
-
-    def __init__(self, randomness: str, device: torch.device) -> None:
-        self.active = randomness != "error"
-        self.cuda = device if device.type == "cuda" else None
-        self.state: tuple[Tensor, Tensor | None] | None = None
-
-    def start(self) -> None:
-        if self.active:
-            cuda = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
-            self.state = (torch.get_rng_state(), cuda)
-
-    def replay(self) -> None:
-        if self.state is not None:
-            torch.set_rng_state(self.state[0])
-            if self.state[1] is not None and self.cuda is not None:
-                torch.cuda.set_rng_state(self.state[1], self.cuda)
-
-
-def per_sample_gradients(
-    ell: Callable[..., Any], call: str, randomness: str, *, for_jvp: bool = False, chunk_size: int | None = None
-) -> Callable[..., Any]:
-    """`G(params, *tensors)`: the gradient of every sample's loss, leaves `(B, *p.shape)`."""
-
-    def one(params: Any, *tensors: Tensor) -> Any:
-        return _gradient(lambda p: ell(p, *tensors), call, False, True, for_jvp=for_jvp)(params)
-
-    def G(params: Any, *tensors: Tensor, params_dim: int | None = None) -> Any:
-        dims = (params_dim, *([0] * len(tensors)))
-        return vmap(one, in_dims=dims, randomness=randomness, chunk_size=chunk_size)(params, *tensors)
-
-    return G
-
-
-def _expand(params: PyTree, b: int) -> PyTree:
-    return tree_map(lambda p: p.expand(b, *p.shape), params)
-
-
-def _run_per_sample(
-    call: str, mode: str, runners: dict[str, Callable[[], Any]], order: tuple[str, ...] = _PER_SAMPLE_ORDER
-) -> Any:
-    state: dict[str, str | None] = {"mode": None if mode == "auto" else mode}
+def _run(call: str, mode: str, runners: dict[str, Callable[[], Any]], order: Sequence[str]) -> Any:
+    """`run_modes`, with torch's vmap randomness error named for per-sample functions."""
     try:
-        return _run(call, state, runners, fallback=order)
+        return run_modes(call, mode, runners, order=order)  # type: ignore[no-any-return]
     except UnsupportedError as exc:
-        translated = random_error(call, exc.__cause__) if exc.__cause__ is not None else None
+        translated = random_error(call, exc.__cause__, PER_SAMPLE_FIX) if exc.__cause__ is not None else None
         if translated is not None:
             raise translated from exc.__cause__
         raise
@@ -261,52 +93,161 @@ def _run_per_sample(
 # ----------------------------------------------------------------------------- Hessians
 
 
-def plan(samples: int, n: int, chunk_size: int | None, rows: int | None) -> tuple[int, int]:
-    """Samples and Hessian rows per pass: each pass produces at most `_PASS_BUDGET` entries."""
-    if chunk_size is None:
+def _pass_sizes(samples: int, n: int, sample_chunk: int | None, rows: int | None) -> tuple[int, int]:
+    """Samples and Hessian rows per pass: each pass produces at most `PASS_ENTRIES` entries."""
+    if sample_chunk is None:
         least = min(n, 32, rows or n)
-        chunk_size = max(1, min(samples, _PASS_BUDGET // max(least * n, 1)))
+        sample_chunk = max(1, min(samples, PASS_ENTRIES // max(least * n, 1)))
     if rows is None:
-        rows = max(1, min(n, _MAX_ROWS, _PASS_BUDGET // max(chunk_size * n, 1)))
-    return min(chunk_size, max(samples, 1)), rows
+        rows = max(1, min(n, MAX_CHUNK, PASS_ENTRIES // max(sample_chunk * n, 1)))
+    return min(sample_chunk, max(samples, 1)), rows
 
 
-class _Out:
-    """The `(B, N, N)` result, filled with rows `s:e` of samples `b0:b1` at a time: in place, or
-    (inside a transform, where writing into a buffer is not allowed) by concatenation."""
+@dataclass
+class _Call:
+    """One `per_sample_hessian` call: the checked data, sizes and the result buffer."""
 
-    def __init__(self, B: int, N: int, offsets: list[int], out: Tensor | None = None) -> None:
-        self.B, self.N, self.off = B, N, offsets
-        self.functional = inside_transform()
-        self.out: Tensor | None = out
+    here: str
+    f: Callable[..., Any]
+    params: PyTree
+    samples: Samples
+    layout: Layout
+    B: int
+    b_chunk: int
+    rows: int
+    out: Tensor | None
+    randomness: str
+
+    @property
+    def ell(self) -> Callable[..., Any]:
+        return self.samples.loss(self.f)
+
+    def result(self) -> Tensor:
+        lay = self.layout
+        if self.out is not None:
+            return self.out
+        M: Tensor = lay.leaves[0].new_empty(self.B, lay.N, lay.N, dtype=lay.dtype)
+        return M
+
+
+def _engine_route(c: _Call, mode: str) -> Tensor:
+    """The block engine (each pair of blocks once, second backward stopped at the tangent's
+    layer) with the samples as one more `vmap` dimension; every piece is written straight into the
+    `(B, N, N)` result and the mirrors are copied at the end."""
+    forward = mode == "fwd-rev"
+    group_of = forward_group if forward else reverse_group
+    lay = c.layout
+
+    def sample_rows(x: int, Y: list[int], rows: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Rows `rows` of blocks `H[x][y]`, y in Y, of one sample's loss."""
+        h = scalar_output(c.here, lambda p: c.ell(p, *tensors), False)
+        rows_of, _ = group_of(h, lay, lay.leaves, [x], Y, False)
+        return tuple(rows_of([rows]))
+
+    off, k = lay.off, len(lay.leaves)
+    grouped = groups({(i, j) for i in range(k) for j in range(i, k)}, forward)
+    M = c.result()
+    for b0, b1 in chunks(c.B, c.b_chunk):
+        for x, Y in grouped:
+            for s, e in chunks(lay.sizes[x], c.rows):
+                rows = basis(s, e, [lay.shapes[x]], [lay.leaves[x].dtype], lay.device)[0]
+                pieces = vmap(functools.partial(sample_rows, x, Y, rows))(*c.samples.tensors(b0, b1))
+                for y, piece in zip(Y, pieces):
+                    M[b0:b1, off[x] + s : off[x] + e, off[y] : off[y + 1]].copy_(piece.reshape(b1 - b0, e - s, -1))
+                del pieces
+    for x, Y in grouped:  # per sample the blocks are small: one batched copy each
+        for y in Y:
+            if x != y:
+                M[:, off[y] : off[y + 1], off[x] : off[x + 1]].copy_(M[:, off[x] : off[x + 1], off[y] : off[y + 1]].transpose(1, 2))
+    return M
+
+
+def _vmapped_route(c: _Call, mode: str) -> Tensor:
+    """Inside an outer transform: `vmap(hessian)` over sample chunks, blocks concatenated."""
+    one = hessian(c.ell, mode=mode, chunk_size=c.rows)  # type: ignore[arg-type]
+    batched = vmap(one, in_dims=(None, *[0] * len(c.samples.index)))
+    off, k, pieces = c.layout.off, len(c.layout.leaves), []
+    for b0, b1 in chunks(c.B, c.b_chunk):
+        flat = tree_flatten(batched(c.params, *c.samples.tensors(b0, b1)))[0]  # row-major over (a, b)
+        block_rows = [torch.cat([t.reshape(b1 - b0, off[i + 1] - off[i], -1) for t in flat[i * k : (i + 1) * k]], 2) for i in range(k)]
+        pieces.append(torch.cat(block_rows, 1))
+    return torch.cat(pieces, 0)
+
+
+class _Rows:
+    """The `(B, N, N)` result of the replay route, filled with rows `s:e` of samples `b0:b1`."""
+
+    def __init__(self, c: _Call) -> None:
+        self.c, self.functional = c, inside_transform()
+        self.M: Tensor | None = None
         self.pieces: list[list[Tensor]] = []
 
     def put(self, b0: int, b1: int, s: int, e: int, leaves: Sequence[Tensor]) -> None:
         """`leaves[k]` is `(e - s, b1 - b0, *p_k.shape)`: rows `s:e` of samples `b0:b1`."""
-        c, b = e - s, b1 - b0
+        n, b = e - s, b1 - b0
         if self.functional:
             if s == 0:
                 self.pieces.append([])
-            self.pieces[-1].append(torch.cat([t.reshape(c, b, -1) for t in leaves], 2).transpose(0, 1))
+            self.pieces[-1].append(torch.cat([t.reshape(n, b, -1) for t in leaves], 2).transpose(0, 1))
             return
-        if self.out is None:
-            self.out = leaves[0].new_empty(self.B, self.N, self.N, dtype=promoted_dtype(leaves))
+        if self.M is None:
+            self.M = self.c.out if self.c.out is not None else leaves[0].new_empty(
+                self.c.B, self.c.layout.N, self.c.layout.N, dtype=promoted_dtype(leaves)
+            )
+        off = self.c.layout.off
         for k, t in enumerate(leaves):  # one contiguous-run copy per leaf, no concatenation
-            self.out[b0:b1, s:e, self.off[k] : self.off[k + 1]].copy_(t.reshape(c, b, -1).transpose(0, 1))
+            self.M[b0:b1, s:e, off[k] : off[k + 1]].copy_(t.reshape(n, b, -1).transpose(0, 1))
 
     def result(self) -> Tensor:
-        if self.out is not None:
-            return self.out
+        if self.M is not None:
+            return self.M
         return torch.cat([torch.cat(p, 1) for p in self.pieces], 0)
+
+
+def _replay_route(c: _Call, mode: str) -> Tensor:
+    """With random operations: "fwd-rev" pushes basis directions through the `jvp` of the `vmap`ped
+    per-sample gradient; "rev-rev" pulls basis rows back through its `vjp` at parameters broadcast
+    per sample. The generators are restored before every pass, so every pass over the same samples
+    draws the forward's masks."""
+    lay, spec = c.layout, c.layout.spec
+    shapes, dtypes = lay.shapes, [leaf.dtype for leaf in lay.leaves]
+    rng, sink = RandomState(lay.device), _Rows(c)
+    tangent_randomness = "error" if c.randomness == "error" else "same"
+    for b0, b1 in chunks(c.B, c.b_chunk):
+        tensors, b = c.samples.tensors(b0, b1), b1 - b0
+        rng.save()
+        if mode == "fwd-rev":
+            G = per_sample_gradients(c.ell, c.here, c.randomness, for_jvp=True)
+
+            def column(*t: Tensor) -> Any:
+                return jvp(lambda p: G(p, *tensors), (c.params,), (tree_unflatten(spec, t),))[1]
+
+            push = vmap(column, randomness=tangent_randomness)
+            for s, e in chunks(lay.N, c.rows):
+                rng.replay()
+                cols, _ = tree_flatten(push(*basis(s, e, shapes, dtypes, lay.device)))
+                sink.put(b0, b1, s, e, cols)  # column j is row j: the Hessian is symmetric
+                del cols
+        else:
+            G = per_sample_gradients(c.ell, c.here, c.randomness)
+            _, pullback = vjp(lambda P: G(P, *tensors, params_dim=0), expand(c.params, b))
+            pull = vmap(lambda *t: pullback(tree_unflatten(spec, t))[0])
+            for s, e in chunks(lay.N, c.rows):
+                cot = [t.unsqueeze(1).expand(t.shape[0], b, *t.shape[1:]) for t in basis(s, e, shapes, dtypes, lay.device)]
+                got, _ = tree_flatten(pull(*cot))
+                sink.put(b0, b1, s, e, got)
+                del cot, got
+    return sink.result()
 
 
 def per_sample_hessian(
     f: Callable[..., Any],
     *,
     mode: Literal["auto", "fwd-rev", "rev-rev"] = "auto",
-    chunk_size: int | None = None,
-    hessian_chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
+    sample_chunk_size: ChunkSize = None,
     randomness: Randomness = "error",
+    hessian_chunk_size: int | None = None,
 ) -> Callable[..., PyTree]:
     """The Hessian of every sample's loss, all samples in one vectorised pass per chunk.
 
@@ -321,14 +262,15 @@ def per_sample_hessian(
     Composition: for a deterministic `f` (`randomness="error"`), `funchess.hessian`'s symmetric
     block engine in `mode` ("rev-rev" or "fwd-rev") with the samples as one more `vmap` dimension:
     each pair of blocks is computed once, written straight into the result and mirrored, and the
-    second backward pass stops at the tangent's layer. With random operations, "fwd-rev" is `vmap`
-    over chunks of basis directions of `jvp` of the per-sample gradient `vmap(grad(loss_i))`, and "rev-rev" is `vmap` over chunks of basis rows
-    of the `vjp` of the per-sample gradient at parameters broadcast to one copy per sample; every
-    pass replays the forward's random numbers. "auto" (default) falls back to the other mode when
-    an operator lacks a rule. The result is `B` times the size of one Hessian and filling it
-    dominates the cost (see benchmarks/RESULTS.md); each pass produces at most ~8M entries unless
-    both chunk sizes are given. For repeated calls, `out=` reuses one result buffer: measured 1.3x
-    faster on the 1,893-parameter MLP with 64 samples, as fresh memory is not paged in again.
+    second backward pass stops at the tangent's layer. Inside an outer transform it is
+    `vmap(funchess.hessian)` over chunks of samples. With random operations, "fwd-rev" is `vmap`
+    over chunks of basis directions of `jvp` of the per-sample gradient `vmap(grad(loss_i))`, and
+    "rev-rev" is `vmap` over chunks of basis rows of the `vjp` of the per-sample gradient at
+    parameters broadcast to one copy per sample; every pass replays the forward's random numbers.
+    "auto" (default) falls back to the other mode when an operator lacks a rule. The result is `B`
+    times the size of one Hessian and filling it dominates the cost; for repeated calls, `out=`
+    reuses one result buffer (fresh memory is not paged in again). Each pass produces a bounded
+    number of entries unless both chunk sizes are given.
 
     Semantics: BatchNorm must use running statistics (`model.eval()`): in train mode the samples
     are coupled and this raises. Buffers and frozen parameters come from the model; tied weights
@@ -338,10 +280,12 @@ def per_sample_hessian(
     Args:
         f: the batch loss `f(params, *data)`, e.g. from `funchess.functional(model, loss_fn)`.
         mode: "auto", "fwd-rev" or "rev-rev" (see above).
-        chunk_size: samples per vectorised pass (`torch.func.vmap`'s `chunk_size`); None plans it.
-        hessian_chunk_size: Hessian rows per pass (`funchess.hessian`'s `chunk_size`); None plans it.
+        chunk_size: Hessian rows per vectorised pass (as in `funchess.hessian`); "auto" plans it.
+        sample_chunk_size: samples per vectorised pass (`torch.func.vmap`'s `chunk_size` over the
+            samples); "auto" (or None, the default) plans it.
         randomness: "error" (default: random operations raise), "different" (a mask per sample,
             as a train-mode batch would draw) or "same" (one mask shared by all samples).
+        hessian_chunk_size: deprecated spelling of `chunk_size` (removed in funchess 0.3).
 
     Returns:
         A function `(params, *data, out=None) -> H` with the block tree described above. `out`: a
@@ -371,114 +315,37 @@ def per_sample_hessian(
         >>> funchess.to_matrix(H, batch_dims=1).data_ptr() == buffer.data_ptr()
         True
     """
-    call = fmt_call("per_sample_hessian", mode=mode, chunk_size=chunk_size, hessian_chunk_size=hessian_chunk_size, randomness=randomness)
-    _check_callable(call, f)
-    if mode not in ("auto", "fwd-rev", "rev-rev"):
-        _check_mode(call, mode)
-    check_chunk_size(call, chunk_size)
-    check_chunk_size(call.replace("chunk_size", "hessian_chunk_size"), hessian_chunk_size)
+    call = call_label("per_sample_hessian", {"mode": mode, "chunk_size": chunk_size,
+                                             "sample_chunk_size": sample_chunk_size, "randomness": randomness})
+    check_callable(call, f)
+    check_mode(call, mode)
+    if hessian_chunk_size is not None:
+        deprecated(f"{call}: hessian_chunk_size is deprecated; use chunk_size= (Hessian rows per pass). "
+                   f"It is removed in funchess 0.3.")
+        chunk_size, sample_chunk_size = hessian_chunk_size, sample_chunk_size or "auto"
+    sample_chunk_size, chunk_size = sample_chunks(call, "per_sample_hessian", sample_chunk_size, chunk_size, rows_too=True)
+    rows = check_chunk_size(call, chunk_size)
+    b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
 
     @functools.wraps(f)
     def per_sample_hessian_fn(params: PyTree, *data: Any, out: Tensor | None = None) -> PyTree:
+        params, data = usable(params), usable(data)
         here, samples = per_sample_data(call, f, params, data)
-        leaves, spec = tree_flatten(params)
-        shapes, dtypes = [p.shape for p in leaves], [p.dtype for p in leaves]
-        device, N, B = leaves[0].device, offsets(shapes)[-1], samples.size
+        layout = Layout((params,), single=True)
+        B = samples.size
         if out is not None:
-            check_out(here, out, (B, N, N), promoted_dtype(leaves), device)
-        b_chunk, rows = plan(B, N, chunk_size, hessian_chunk_size)
-        ell = samples.loss(f)
-        replay = Replay(randomness, device)
-        tangent_randomness = "error" if randomness == "error" else "same"
-
-        def basis(s: int, e: int) -> list[Tensor]:
-            return _basis(s, e, shapes, dtypes, device)
-
-        def fwd() -> Tensor:
-            G = per_sample_gradients(ell, here, randomness, for_jvp=True)
-            sink = _Out(B, N, offsets(shapes), out)
-            for b0, b1 in _chunks(B, b_chunk):
-                tensors = samples.tensors(b0, b1)
-                replay.start()
-
-                def column(*t: Tensor) -> Any:
-                    return jvp(lambda p: G(p, *tensors), (params,), (tree_unflatten(spec, t),))[1]
-
-                push = vmap(column, randomness=tangent_randomness)
-                for s, e in _chunks(N, rows):
-                    replay.replay()
-                    cols, _ = tree_flatten(push(*basis(s, e)))
-                    sink.put(b0, b1, s, e, cols)  # column j is row j: the Hessian is symmetric
-                    del cols
-            return sink.result()
-
-        def rev() -> Tensor:
-            G = per_sample_gradients(ell, here, randomness)
-            sink = _Out(B, N, offsets(shapes), out)
-            for b0, b1 in _chunks(B, b_chunk):
-                tensors, b = samples.tensors(b0, b1), b1 - b0
-                _, pullback = vjp(lambda P: G(P, *tensors, params_dim=0), _expand(params, b))
-                pull = vmap(lambda *t: pullback(tree_unflatten(spec, t))[0])
-                for s, e in _chunks(N, rows):
-                    cot = [t.unsqueeze(1).expand(t.shape[0], b, *t.shape[1:]) for t in basis(s, e)]
-                    got, _ = tree_flatten(pull(*cot))
-                    sink.put(b0, b1, s, e, got)
-                    del cot, got
-            return sink.result()
-
-        def engine(m: str) -> Callable[[], Tensor]:
-            # The block engine (each pair of blocks once, second backward stopped at the tangent's
-            # layer) with the samples as one more vmap dimension; every piece is written straight
-            # into the (B, N, N) result and mirrors are copied at the end.
-            forward = m == "fwd-rev"
-            group_of = _forward_group if forward else _reverse_group
-            layout = Layout((params,), single=True)
-
-            def sample_rows(x: int, Y: list[int], basis: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-                """Rows `basis` of blocks `H[x][y]`, y in Y, of one sample's loss."""
-                h = _scalar_fn(lambda p: ell(p, *tensors), here, False)
-                rows_of, _ = group_of(h, layout, layout.leaves, [x], Y, False)
-                return tuple(rows_of([basis]))
-
-            def run() -> Tensor:
-                if inside_transform():  # no writing into buffers: vmap the engine, concatenate
-                    return vmapped_engine(m)
-                off, k = layout.off, len(shapes)
-                request = {(i, j) for i in range(k) for j in range(i, k)}
-                grouped = groups(request, forward)
-                M: Tensor = out if out is not None else leaves[0].new_empty(B, N, N, dtype=layout.dtype)
-                for b0, b1 in _chunks(B, b_chunk):
-                    for x, Y in grouped:
-                        for s, e in _chunks(layout.sizes[x], rows):
-                            basis = _engine_basis(s, e, shapes[x], leaves[x])
-                            pieces = vmap(functools.partial(sample_rows, x, Y, basis))(*samples.tensors(b0, b1))
-                            for y, piece in zip(Y, pieces):
-                                M[b0:b1, off[x] + s : off[x] + e, off[y] : off[y + 1]].copy_(piece.reshape(b1 - b0, e - s, -1))
-                            del pieces
-                computed = [(x, y) for x, Y in grouped for y in Y if x != y]
-                for x, y in computed:  # per sample the blocks are small: one batched copy each
-                    M[:, off[y] : off[y + 1], off[x] : off[x + 1]].copy_(M[:, off[x] : off[x + 1], off[y] : off[y + 1]].transpose(1, 2))
-                return M
-
-            return run
-
-        def vmapped_engine(m: str) -> Tensor:
-            """Inside an outer transform: `vmap(hessian)` over sample chunks, blocks concatenated."""
-            one = hessian(ell, mode=m, chunk_size=rows)  # type: ignore[arg-type]
-            batched = vmap(one, in_dims=(None, *[0] * len(samples.index)))
-            off, k, chunks = offsets(shapes), len(shapes), []
-            for b0, b1 in _chunks(B, b_chunk):
-                flat = tree_flatten(batched(params, *samples.tensors(b0, b1)))[0]  # row-major over (a, b)
-                block_rows = [torch.cat([t.reshape(b1 - b0, off[i + 1] - off[i], -1) for t in flat[i * k : (i + 1) * k]], 2) for i in range(k)]
-                chunks.append(torch.cat(block_rows, 1))
-            return torch.cat(chunks, 0)
-
-        if randomness == "error":  # deterministic: no masks to replay between passes
-            M = _run_per_sample(here, mode, {m: engine(m) for m in _ENGINE_ORDER}, order=_ENGINE_ORDER)
+            check_out(here, out, (B, layout.N, layout.N), layout.dtype, layout.device)
+        b, r = _pass_sizes(B, layout.N, b_chunk, rows)
+        c = _Call(here, f, params, samples, layout, B, b, r, out, randomness)
+        if randomness != "error":
+            M = _run(here, mode, {m: functools.partial(_replay_route, c, m) for m in _REPLAY_ORDER}, _REPLAY_ORDER)
+        elif inside_transform():
+            M = _run(here, mode, {m: functools.partial(_vmapped_route, c, m) for m in _ENGINE_ORDER}, _ENGINE_ORDER)
         else:
-            M = _run_per_sample(here, mode, {"fwd-rev": fwd, "rev-rev": rev})
-        return blocks_of(M, (shapes, spec), (shapes, spec))
+            M = _run(here, mode, {m: functools.partial(_engine_route, c, m) for m in _ENGINE_ORDER}, _ENGINE_ORDER)
+        outer = (layout.shapes, layout.spec)
+        return blocks_of(M, outer, outer)
 
     return per_sample_hessian_fn
 
@@ -489,8 +356,9 @@ def per_sample_hessian(
 def per_sample_grad(
     f: Callable[..., Any],
     *,
-    chunk_size: int | None = None,
+    sample_chunk_size: ChunkSize = "auto",
     randomness: Randomness = "error",
+    chunk_size: int | None = None,
 ) -> Callable[..., PyTree]:
     """The gradient of every sample's loss: `vmap(grad(loss_i))` over the samples.
 
@@ -499,13 +367,14 @@ def per_sample_grad(
     `f(params, *[d[i:i+1] for d in data])`. Same conventions (data batched on dim 0, BatchNorm in
     eval mode, `randomness`) as `funchess.per_sample_hessian`.
 
-    Composition: `torch.func.vmap` (with `chunk_size` and `randomness`) of the `vjp` of the loss
-    of a batch of one.
+    Composition: `torch.func.vmap` (with `sample_chunk_size` as its `chunk_size`, and
+    `randomness`) of the `vjp` of the loss of a batch of one.
 
     Args:
         f: the batch loss `f(params, *data)`.
-        chunk_size: samples per vectorised pass; None does all samples in one.
+        sample_chunk_size: samples per vectorised pass; "auto" does all samples in one.
         randomness: "error", "different" or "same", as in `torch.func.vmap`.
+        chunk_size: deprecated spelling of `sample_chunk_size` (removed in funchess 0.3).
 
     Returns:
         A function `(params, *data) -> per-sample gradients`.
@@ -520,16 +389,18 @@ def per_sample_grad(
         >>> torch.allclose(g["weight"].mean(0), torch.func.grad(f)(params, x, y)["weight"])
         True
     """
-    call = fmt_call("per_sample_grad", chunk_size=chunk_size, randomness=randomness)
-    _check_callable(call, f)
-    check_chunk_size(call, chunk_size)
+    call = call_label("per_sample_grad", {"sample_chunk_size": sample_chunk_size, "randomness": randomness})
+    check_callable(call, f)
+    sample_chunk_size, _ = sample_chunks(call, "per_sample_grad", sample_chunk_size, chunk_size, rows_too=False)
+    b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
 
     @functools.wraps(f)
     def per_sample_grad_fn(params: PyTree, *data: Any) -> PyTree:
+        params, data = usable(params), usable(data)
         here, samples = per_sample_data(call, f, params, data)
-        G = per_sample_gradients(samples.loss(f), here, randomness, chunk_size=chunk_size)
-        return _run_per_sample(here, "rev-rev", {"rev-rev": lambda: G(params, *samples.tensors())})
+        G = per_sample_gradients(samples.loss(f), here, randomness, sample_chunk_size=b_chunk)
+        return _run(here, "rev-rev", {"rev-rev": lambda: G(params, *samples.tensors())}, ("rev-rev",))
 
     return per_sample_grad_fn
 
@@ -538,15 +409,16 @@ def per_sample_hvp(
     f: Callable[..., Any],
     *,
     mode: Literal["auto", "fwd-rev", "rev-rev"] = "auto",
-    chunk_size: int | None = None,
+    sample_chunk_size: ChunkSize = "auto",
     randomness: Randomness = "error",
+    chunk_size: int | None = None,
 ) -> Callable[..., PyTree]:
     """`H_i v` for every sample `i`, without forming any Hessian.
 
     `per_sample_hvp(f)(params, v, *data)` returns a pytree shaped like `params` with a leading
     sample dimension: leaf `[a]` has shape `(B, *params[a].shape)` and row `i` is the Hessian of
     sample `i`'s loss times `v` (one direction shaped like `params`). Same conventions as
-    `funchess.per_sample_hessian`.
+    `funchess.per_sample_hessian`; the calling convention of every funchess product (`hvp`).
 
     Composition: "fwd-rev" is one `jvp` of the per-sample gradient `vmap(grad(loss_i))` along `v`;
     "rev-rev" is one `vjp` of the per-sample gradient at parameters broadcast per sample, with `v`
@@ -556,8 +428,9 @@ def per_sample_hvp(
     Args:
         f: the batch loss `f(params, *data)`.
         mode: "auto", "fwd-rev" or "rev-rev".
-        chunk_size: samples per vectorised pass; None does all samples in one.
+        sample_chunk_size: samples per vectorised pass; "auto" does all samples in one.
         randomness: "error", "different" or "same", as in `torch.func.vmap`.
+        chunk_size: deprecated spelling of `sample_chunk_size` (removed in funchess 0.3).
 
     Returns:
         A function `(params, v, *data) -> per-sample H v`.
@@ -570,34 +443,35 @@ def per_sample_hvp(
         tensor([[6., 0.],
                 [0., 0.]])
     """
-    call = fmt_call("per_sample_hvp", mode=mode, chunk_size=chunk_size, randomness=randomness)
-    _check_callable(call, f)
-    if mode not in ("auto", "fwd-rev", "rev-rev"):
-        _check_mode(call, mode)
-    check_chunk_size(call, chunk_size)
+    call = call_label("per_sample_hvp", {"mode": mode, "sample_chunk_size": sample_chunk_size, "randomness": randomness})
+    check_callable(call, f)
+    check_mode(call, mode)
+    sample_chunk_size, _ = sample_chunks(call, "per_sample_hvp", sample_chunk_size, chunk_size, rows_too=False)
+    b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
 
     @functools.wraps(f)
     def per_sample_hvp_fn(params: PyTree, v: PyTree, *data: Any) -> PyTree:
         here = f"{call}(params, v, ...)"
-        _check_primals(here, (params,), ["params"])
-        _check_tangents(here, (params,), (v,))
+        params, v, data = usable(params), usable(v), usable(data)
+        check_primals(here, (params,), ["params"])
+        check_tangent(here, params, v)
         check_per_sample(here, f)
         samples = Samples(here, data)
         ell, tensors = samples.loss(f), samples.tensors()
-        replay = Replay(randomness, tree_flatten(params)[0][0].device)
+        rng = RandomState(tree_flatten(params)[0][0].device)
+        rng.save()
 
         def fwd() -> PyTree:
-            G = per_sample_gradients(ell, here, randomness, for_jvp=True, chunk_size=chunk_size)
-            replay.start()
+            G = per_sample_gradients(ell, here, randomness, for_jvp=True, sample_chunk_size=b_chunk)
             return jvp(lambda p: G(p, *tensors), (params,), (v,))[1]
 
         def rev() -> PyTree:
-            replay.replay()  # a fallback after a failed fwd-rev draws the same masks again
-            G = per_sample_gradients(ell, here, randomness, chunk_size=chunk_size)
-            _, pullback = vjp(lambda P: G(P, *tensors, params_dim=0), _expand(params, samples.size))
-            return pullback(_expand(v, samples.size))[0]
+            rng.replay()  # a fallback after a failed fwd-rev draws the same masks again
+            G = per_sample_gradients(ell, here, randomness, sample_chunk_size=b_chunk)
+            _, pullback = vjp(lambda P: G(P, *tensors, params_dim=0), expand(params, samples.size))
+            return pullback(expand(v, samples.size))[0]
 
-        return _run_per_sample(here, mode, {"fwd-rev": fwd, "rev-rev": rev})
+        return _run(here, mode, {"fwd-rev": fwd, "rev-rev": rev}, _REPLAY_ORDER)
 
     return per_sample_hvp_fn

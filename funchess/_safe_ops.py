@@ -21,9 +21,11 @@ paths in `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` are skipped whil
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -222,3 +224,21 @@ class SecondOrderSafe(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         self.rerouted += 1
         return impl(*args, **(kwargs or {}))
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def safe_ops(enabled: bool = True) -> Iterator[SecondOrderSafe | None]:
+    """Enter funchess's operator rerouting once (nested transforms reuse the outer one); yields
+    the mode, or None when an outer call entered it or `enabled` is False."""
+    if not enabled or getattr(_state, "active", False):
+        yield None
+        return
+    _state.active = True
+    try:
+        with SecondOrderSafe() as mode:
+            yield mode
+    finally:
+        _state.active = False

@@ -9,7 +9,7 @@ the *tree product* of `P` with itself (JAX's convention): the leaf at `H[a][b]` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
@@ -70,6 +70,31 @@ def offsets(shapes: Sequence[torch.Size]) -> list[int]:
     out = [0]
     for s in shapes:
         out.append(out[-1] + math.prod(s))
+    return out
+
+
+def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """`(start, stop)` of consecutive chunks of `size` (the last may be shorter) covering `0..n`."""
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+def basis(
+    s: int, e: int, shapes: Sequence[torch.Size], dtypes: Sequence[torch.dtype], device: torch.device
+) -> list[Tensor]:
+    """Standard basis vectors `s..e-1` of a raveled pytree with leaves of `shapes` and `dtypes`,
+    made lazily one chunk at a time: one Tensor `(e - s, *shape)` per leaf."""
+    out = []
+    a = 0
+    for shape, dtype in zip(shapes, dtypes):
+        n = math.prod(shape)
+        flat = torch.zeros(e - s, n, dtype=dtype, device=device)
+        lo, hi = max(s, a), min(e, a + n)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=device)
+            flat[idx - s, idx - a] = 1
+        out.append(flat.reshape(e - s, *shape))
+        a += n
     return out
 
 

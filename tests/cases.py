@@ -7,7 +7,7 @@ Sizes are small (tens to ~200 parameters) so the nested-loop oracle stays fast.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,33 @@ class Case:
     targets: Any
     params: list[str] | None = None  # funchess.functional's params=
     per_sample: bool = True  # a per-sample Hessian is defined (no coupling across the batch)
+    options: dict[str, Any] = field(default_factory=dict)  # more of funchess.functional's options
+
+    def functional(self, loss_fn: Any = "case", **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+        """`funchess.functional` of the case's model with its loss (or `loss_fn`; None for the model
+        output), its parameter selection and options (keywords override them)."""
+        import funchess
+
+        options = {"params": self.params, **self.options, **kwargs}
+        return funchess.functional(self.model, self.loss_fn if loss_fn == "case" else loss_fn, **options)
+
+    def reference(self) -> Any:
+        """The nested-loop oracle's Hessian of the case's loss (as `functional()` makes it) at its
+        data, computed once per (case, dtype, device) in a session and shared by every test that
+        compares with it (the cases are deterministic factories)."""
+        import funchess
+        from funchess.testing import reference_hessian
+
+        f, params = self.functional()
+        first = next(iter(params.values()))
+        key = (self.name, first.dtype, str(first.device))
+        if key not in _REFERENCES:
+            _REFERENCES[key] = funchess.to_matrix(reference_hessian(f, params, self.inputs, self.targets))
+        return funchess.from_matrix(_REFERENCES[key].clone(), params)
+
+
+#: The oracle's Hessians, by (case, dtype, device): see `Case.reference`.
+_REFERENCES: dict[tuple[str, torch.dtype, str], Tensor] = {}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -89,7 +116,7 @@ def batchnorm_train(dtype: torch.dtype, device: str) -> Case:
     _with_running_stats(model).train()
     return Case(
         "batchnorm_train", model, F.mse_loss, _randn(6, 4, dtype=dtype, device=device),
-        _randn(6, 3, dtype=dtype, device=device, seed=3), per_sample=False,
+        _randn(6, 3, dtype=dtype, device=device, seed=3), per_sample=False, options={"batch_norm": "batch"},
     )
 
 

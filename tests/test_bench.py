@@ -1,6 +1,6 @@
 """The benchmark's machinery in-process: the oracle check flags wrong answers, the nested loop
 extrapolates from a subset of rows, memory is measured, plans skip what does not fit, and the
-demo's plotting helpers place their labels sensibly. Nothing here times anything."""
+demo's picture helpers compute what they draw. Nothing here times anything."""
 
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import funchess
-from funchess._bench import Result, Settings, plan, settings_from
-from funchess._bench_methods import TOLERANCE, check, find_method
-from funchess._bench_report import markdown, status_text
-from funchess._demo import _spread, _symlog_ticks
-from funchess._measure import PeakMemory
-from funchess._models import PROBLEMS, make_problem
+from funchess.cli.bench import Settings, plan, settings_from
+from funchess.cli.measure import PeakMemory
+from funchess.cli.methods import TOLERANCE, block_starts, check, find_method
+from funchess.cli.models import PROBLEMS, Problem, make_problem
+from funchess.cli.pictures import block_norms, symlog_ticks, zoom_block
+from funchess.cli.report import ProblemInfo, Result, markdown, status_text
 
 
 @pytest.fixture(scope="module")
-def tiny() -> funchess._models.Problem:
+def tiny() -> Problem:
     return make_problem("mlp-tiny", torch.float64)
 
 
-def _hessian(problem: funchess._models.Problem) -> torch.Tensor:
+def _hessian(problem: Problem) -> torch.Tensor:
     f, params = problem.function()
     return funchess.to_matrix(funchess.hessian(f)(params, problem.inputs, problem.targets))
 
 
-def test_check_passes_exact_answers_and_flags_wrong_ones(tiny: funchess._models.Problem) -> None:
+def test_check_passes_exact_answers_and_flags_wrong_ones(tiny: Problem) -> None:
     method = find_method("hessian", "funchess.hessian")
     M = _hessian(tiny)
     assert check(method, tiny, M) < 1e-12
@@ -42,7 +42,7 @@ def test_check_passes_exact_answers_and_flags_wrong_ones(tiny: funchess._models.
     assert check(method, tiny, torch.full_like(M, float("nan"))) == float("inf")
 
 
-def test_nested_loop_extrapolates_from_a_subset_of_rows(tiny: funchess._models.Problem) -> None:
+def test_nested_loop_extrapolates_from_a_subset_of_rows(tiny: Problem) -> None:
     method = find_method("hessian", "nested loop (autograd.grad)")
     H, rows, setup_s, rows_s = method.build(tiny, None)(1e-9)  # a tiny budget: stop after one row
     assert rows == 1 and setup_s >= 0 and rows_s >= 0
@@ -52,9 +52,7 @@ def test_nested_loop_extrapolates_from_a_subset_of_rows(tiny: funchess._models.P
     torch.testing.assert_close(H_all, _hessian(tiny), rtol=1e-12, atol=1e-14)
 
 
-def test_wrong_answers_are_shown_in_the_table(tiny: funchess._models.Problem) -> None:
-    from funchess._bench import ProblemInfo
-
+def test_wrong_answers_are_shown_in_the_table(tiny: Problem) -> None:
     info = ProblemInfo("mlp-tiny", "mlp", tiny.description, tiny.num_params, tiny.batch_size, 100, 1e6)
     rows = [
         Result("hessian", "mlp-tiny", "float64", "funchess.hessian", "cpu", "ok", n=83, time=0.01, times=[0.01],
@@ -103,19 +101,31 @@ def test_plans_follow_the_options() -> None:
     assert set(plan(full)) < set(large) and ("hessian", "transformer-9k", "float32") in large
 
 
-@given(st.lists(st.floats(0, 1000), min_size=1, max_size=20), st.floats(1, 30))
-def test_block_labels_are_spread_apart_inside_the_axis(centres: list[float], gap: float) -> None:
-    centres = sorted(centres)
-    total = max(centres) + 1
-    pos = _spread(centres, gap, -0.5, total)
-    fits = min(gap, (total + 0.5) / max(len(centres) - 1, 1))
-    assert all(b - a >= fits * (1 - 1e-9) for a, b in zip(pos, pos[1:], strict=False))
-    assert pos[0] >= -0.5 - 1e-9 and pos[-1] <= total + 1e-9
-    assert all(abs(p - c) <= (len(centres) + 1) * fits for p, c in zip(pos, centres, strict=True))  # near their block
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=5), st.integers(0, 2**16))
+def test_block_norms_are_the_frobenius_norms_of_the_parameter_blocks(sizes: list[int], seed: int) -> None:
+    n = sum(sizes)
+    M = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = {f"p{i}": torch.zeros(s) for i, s in enumerate(sizes)}
+    starts = block_starts(params)
+    assert starts[-1] == n
+    norms = block_norms(M, sizes)
+    for i in range(len(sizes)):
+        for j in range(len(sizes)):
+            block = M[starts[i] : starts[i + 1], starts[j] : starts[j + 1]]
+            assert float(norms[i, j]) == pytest.approx(float(torch.linalg.matrix_norm(block)), rel=1e-12)
+    assert float(norms.pow(2).sum()) == pytest.approx(float(M.pow(2).sum()), rel=1e-12)
+    z = zoom_block(norms, sizes)  # every block is small here: the largest diagonal norm wins
+    assert float(norms[z, z]) == float(norms.diagonal().max())
+
+
+def test_zoom_prefers_blocks_small_enough_to_show_entry_by_entry() -> None:
+    norms = torch.diag(torch.tensor([1.0, 5.0, 3.0]))
+    assert zoom_block(norms, [10, 1000, 100]) == 2  # the 1000-row block is too big to read
+    assert zoom_block(norms, [500, 1000, 300]) == 1  # none is small: the largest, cut to its corner
 
 
 def test_symlog_ticks_are_few_and_cover_the_range() -> None:
-    ticks = _symlog_ticks(-1e-3, 5.0, 1e-7)
+    ticks = symlog_ticks(-1e-3, 5.0, 1e-7)
     assert 0.0 in ticks and len(ticks) <= 11
     assert min(ticks) >= -1e-3 and max(ticks) <= 5.0
     assert ticks == sorted(ticks)

@@ -19,8 +19,8 @@ from cases import CASES, Case
 
 
 def _setup(case: Case) -> tuple[Any, dict[str, torch.Tensor], Any]:
-    f, params = funchess.functional(case.model, case.loss_fn, params=case.params)
-    return f, params, reference_hessian(f, params, case.inputs, case.targets)
+    f, params = case.functional()
+    return f, params, case.reference()
 
 
 CHOSEN = ["mlp_ce", "conv", "layernorm", "attention_sdpa", "gru", "tied", "batchnorm_train"]
@@ -75,7 +75,7 @@ def test_pairs_patterns_and_transposed_views() -> None:
 
 def test_bad_block_selections() -> None:
     case = CASES["mlp_mse"](torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    f, params = case.functional(params=None)
     args = (params, case.inputs, case.targets)
     with pytest.raises(InvalidArgumentError, match=r"funchess\.hessian\(f, blocks=\['encoder\.\*'\]\)\(\.\.\.\): block pattern 'encoder\.\*' matches no parameter; expected one of '0\.weight', '0\.bias', '2\.weight', '2\.bias'\. .*glob patterns"):
         funchess.hessian(f, blocks=["encoder.*"])(*args)
@@ -131,7 +131,7 @@ def test_random_selections_equal_the_oracle(s: dict[str, Any]) -> None:
 
 def test_blocks_and_diagonal_compose_with_vmap() -> None:
     case = CASES["mlp_mse"](torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    f, params = case.functional(params=None)
     one = lambda p, xi, yi: f(p, xi[None], yi[None])
     per = torch.func.vmap(funchess.hessian_diagonal(one), in_dims=(None, 0, 0))(params, case.inputs, case.targets)
     blk = torch.func.vmap(funchess.hessian(one, blocks="diagonal"), in_dims=(None, 0, 0))(params, case.inputs, case.targets)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss(case: Case, reduction: str) -> Any:
-    return funchess.functional(case.model, functools.partial(case.loss_fn, reduction=reduction))
+    return case.functional(functools.partial(case.loss_fn, reduction=reduction), params=None)
 
 
 def _loader(case: Case, batch_size: int) -> DataLoader:  # type: ignore[type-arg]
@@ -46,7 +46,7 @@ def test_dataset_hessian_equals_the_concatenated_data_set(make: Any, reduction: 
 def _equal_batches(make: Any) -> tuple[Case, Any, Any, list[Any]]:
     """A float64 case split into batches of equal size (2, or 1 for an odd number of samples)."""
     case = make(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn)
+    f, params = case.functional(params=None)
     n = len(case.inputs)
     size = 2 if n % 2 == 0 else 1
     return case, f, params, [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, n, size)]
@@ -76,30 +76,39 @@ def test_dataset_hessian_takes_one_hessian_per_group_of_batches(
 
     case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
     f, params = _loss(case, reduction)
-    monkeypatch.setattr(_dataset, "_GROUP_SAMPLES", group_samples)
+    monkeypatch.setattr(_dataset, "GROUP_SAMPLES", group_samples)
     calls = _count_hessian_calls(monkeypatch)
     H = funchess.dataset_hessian(f, reduction=reduction)(params, _loader(case, 2))
     assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
     assert len(calls) == {1: 5, 5: 2, 8: 2, 1024: 1}[group_samples]  # groups of >= group_samples samples
 
 
-def test_dataset_hessian_with_chunk_size_goes_batch_by_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dataset_hessian_chunk_size_counts_rows_and_leaves_the_grouping_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funchess import _hessian
+
     case = mlp_ce(torch.float64, "cpu")
     f, params = _loss(case, "mean")
-    calls = _count_hessian_calls(monkeypatch)
-    H = funchess.dataset_hessian(f, chunk_size=3)(params, _loader(case, 4))  # the caller bounds each pass
+    chunks: list[int] = []
+    engine_run = _hessian.engine_run
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(kwargs["chunk_for"](10, 10))
+        return engine_run(*args, **kwargs)
+
+    monkeypatch.setattr(_hessian, "engine_run", spy)
+    H = funchess.dataset_hessian(f, chunk_size=3)(params, _loader(case, 4))  # rows per pass, as everywhere
     assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
-    assert len(calls) == 3
+    assert chunks == [3]  # one group of all batches, passes of 3 rows
 
 
 def test_dataset_hessian_splits_a_group_that_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from funchess import _dataset
+    from funchess import _data, _dataset
 
     real = _dataset.hessian
 
     def planned_too_big(g: Any, **opts: Any) -> Any:
         H = real(g, **opts)
-        if getattr(g, "__name__", None) != "group_loss":
+        if getattr(g, "func", None) is not _data.group_loss:
             return H
 
         def group_hessian(params: Any, group: list[Any]) -> Any:
@@ -117,11 +126,11 @@ def test_dataset_hessian_splits_a_group_that_does_not_fit(monkeypatch: pytest.Mo
 
 
 def test_dataset_hessian_vmaps_batches_of_equal_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from funchess import _dataset
+    from funchess import _data
 
     stacks: list[int] = []
-    loss = _dataset._Stack.loss
-    monkeypatch.setattr(_dataset._Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
+    loss = _data.Stack.loss
+    monkeypatch.setattr(_data.Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
     torch.manual_seed(0)
     w = {"w": torch.randn(3, dtype=torch.float64)}
 
@@ -139,19 +148,19 @@ def test_dataset_hessian_vmaps_batches_of_equal_shapes(monkeypatch: pytest.Monke
 def test_dataset_hessian_stacks_batches_up_to_a_flop_budget(
     monkeypatch: pytest.MonkeyPatch, stack_samples: int, sizes: list[int]
 ) -> None:
-    from funchess import _dataset
+    from funchess import _data, _dataset
 
     case = mlp_ce(torch.float64, "cpu")  # 9 samples: batches of 2, 2, 2, 2, 1
     f, params = _loss(case, "mean")
-    batch = _dataset._Batch(case.inputs[:2], case.targets[:2], 2, 2.0)
-    grouping = _dataset._Grouping(f, params, "error", 0.0)
+    batch = _data.Batch(case.inputs[:2], case.targets[:2], 2, 2.0)
+    grouping = _data.Grouping(f, params, "error", 0.0)
     grouping.measure(batch)
     per_sample = grouping.flops
     assert per_sample > 0
-    monkeypatch.setattr(_dataset, "_STACK_FLOPS", per_sample * stack_samples)
+    monkeypatch.setattr(_dataset, "STACK_FLOPS", per_sample * stack_samples)
     stacks: list[int] = []
-    loss = _dataset._Stack.loss
-    monkeypatch.setattr(_dataset._Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
+    loss = _data.Stack.loss
+    monkeypatch.setattr(_data.Stack, "loss", lambda self, *a: stacks.append(len(self.weights)) or loss(self, *a))
     H = funchess.dataset_hessian(f)(params, _loader(case, 2))
     assert_hessian_close(H, reference_hessian(f, params, case.inputs, case.targets))
     assert sorted(set(stacks)) == sorted(set(sizes))  # batches per vmapped stack (none: one by one)
@@ -166,7 +175,7 @@ def test_dataset_hessian_with_every_batch_stacked_equals_the_weighted_batch_hess
     """f vmapped over stacked batches (or, where it does not vmap, e.g. the GRU, one by one)."""
     from funchess import _dataset
 
-    monkeypatch.setattr(_dataset, "_STACK_FLOPS", float("inf"))
+    monkeypatch.setattr(_dataset, "STACK_FLOPS", float("inf"))
     case, f, params, batches = _equal_batches(make)
     n = len(case.inputs)
     H = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
@@ -185,7 +194,7 @@ def test_dataset_hessian_with_every_batch_stacked_equals_the_weighted_batch_hess
 def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
     sizes: list[int], group_samples: int, stack_samples: int, reduction: str, dtype: torch.dtype
 ) -> None:
-    from funchess import _dataset
+    from funchess import _data, _dataset
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
@@ -193,15 +202,15 @@ def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
     x, y = torch.randn(sum(sizes), 3, dtype=dtype), torch.randint(0, 2, (sum(sizes),))
     ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     batches = [(x[a:b], y[a:b]) for a, b in zip(ends, ends[1:])]
-    grouping = _dataset._Grouping(f, params, "error", 0.0)
-    grouping.measure(_dataset._Batch(x[:1], y[:1], 1, 1.0))
+    grouping = _data.Grouping(f, params, "error", 0.0)
+    grouping.measure(_data.Batch(x[:1], y[:1], 1, 1.0))
     per_sample = grouping.flops
-    saved = _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS
-    _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS = group_samples, per_sample * stack_samples
+    saved = _dataset.GROUP_SAMPLES, _dataset.STACK_FLOPS
+    _dataset.GROUP_SAMPLES, _dataset.STACK_FLOPS = group_samples, per_sample * stack_samples
     try:
         H = funchess.dataset_hessian(f, reduction=reduction)(params, batches)
     finally:
-        _dataset._GROUP_SAMPLES, _dataset._STACK_FLOPS = saved
+        _dataset.GROUP_SAMPLES, _dataset.STACK_FLOPS = saved
     p64 = {k: v.double() for k, v in params.items()}
     f64 = funchess.functional(model.double(), functools.partial(F.cross_entropy, reduction=reduction))[0]
     assert_hessian_close(H, reference_hessian(f64, p64, x.double(), y))
@@ -212,7 +221,7 @@ def test_grouped_and_stacked_dataset_hessian_matches_the_reference(
 def test_dataset_hvp_groups_and_stacks_batches(monkeypatch: pytest.MonkeyPatch, make: Any, group_bytes: int) -> None:
     from funchess import _dataset
 
-    monkeypatch.setattr(_dataset, "_HVP_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(_dataset, "PRODUCT_GROUP_BYTES", group_bytes)
     case, f, params, batches = _equal_batches(make)
     n = len(case.inputs)
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -245,7 +254,7 @@ def test_dataset_ggn_vp_of_stacked_batches_without_targets() -> None:
 
 def test_dataset_hessian_of_a_non_scalar_loss_says_so_with_stacked_batches() -> None:
     case = mlp_ce(torch.float64, "cpu")
-    f = funchess.functional(case.model)[0]  # no loss: the model output
+    f = case.functional(None, params=None)[0]  # no loss: the model output
     params = dict(case.model.named_parameters())
     with pytest.raises(funchess.OutputError, match=r"f must return a scalar Tensor, got shape \(2, 4\)"):
         funchess.dataset_hessian(lambda p, x, t: f(p, x))(params, _loader(case, 2))
@@ -297,7 +306,7 @@ def test_batchnorm_in_train_mode_uses_each_batch_and_never_updates_running_stats
         case.model[1].track_running_stats = False
         case.model[1].running_mean = case.model[1].running_var = case.model[1].num_batches_tracked = None
     snap = snapshot(case.model)
-    f, params = funchess.functional(case.model, F.mse_loss)
+    f, params = case.functional(F.mse_loss, params=None)
     ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     batches = [(case.inputs[a:b], case.targets[a:b]) for a, b in zip(ends, ends[1:])]
     H = funchess.to_matrix(funchess.dataset_hessian(f)(params, batches))
@@ -329,7 +338,7 @@ def test_dropout_is_refused_by_default_and_allowed_with_randomness_different(n_b
 
 def test_progress_bar_on_request_and_off_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     case = mlp_mse(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, F.mse_loss)
+    f, params = case.functional(F.mse_loss, params=None)
     v = {k: torch.ones_like(p) for k, p in params.items()}
     funchess.dataset_hvp(f)(params, v, _loader(case, 3))
     funchess.dataset_hvp(f, progress=None)(params, v, _loader(case, 3))  # captured stderr is not a tty
@@ -341,7 +350,7 @@ def test_progress_bar_on_request_and_off_when_not_a_terminal(capsys: pytest.Capt
 
 def test_errors_are_pinned() -> None:
     case = mlp_mse(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, F.mse_loss)
+    f, params = case.functional(F.mse_loss, params=None)
     H = funchess.dataset_hessian(f)
     empty = DataLoader(TensorDataset(case.inputs[:0], case.targets[:0]), batch_size=3)
     with pytest.raises(funchess.InvalidArgumentError, match=r"funchess\.dataset_hessian\(f\)\(params, data\): data yielded no batches; expected at least one \(inputs, targets\) batch"):

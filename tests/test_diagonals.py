@@ -37,7 +37,7 @@ def ref_ggn_diagonal(f: Any, params: dict[str, Tensor], x: Any, y: Any, loss: An
 
 
 def _setup(case: Case) -> tuple[Any, dict[str, Tensor]]:
-    return funchess.functional(case.model, case.loss_fn, params=case.params)
+    return case.functional()
 
 
 def _first(t: Any, n: int) -> Any:
@@ -274,7 +274,7 @@ def test_hooks_tied_weights_and_train_mode_batch_norm_are_not_chains() -> None:
 @pytest.mark.parametrize("call,match", [
     (lambda f: funchess.ggn_diagonal(f, samples=0), r"ggn_diagonal\(f, samples=0\): expected samples .* positive int"),
     (lambda f: funchess.ggn_diagonal(f, generator=3), r"expected generator to be a torch.Generator"),
-    (lambda f: funchess.per_sample_ggn_diagonal(f, chunk_size=0), r"expected chunk_size to be a positive int or 'auto'"),
+    (lambda f: funchess.per_sample_ggn_diagonal(f, chunk_size=0), r"per_sample_ggn_diagonal\(f, chunk_size=0\): expected chunk_size .*a positive int or 'auto'"),
     (lambda f: funchess.per_sample_ggn_factor(f, sample_chunk_size=-1), r"expected sample_chunk_size"),
     (lambda f: funchess.per_sample_hessian_diagonal(f, randomness="sometimes"), r"expected randomness to be one of"),
     (lambda f: funchess.ggn_diagonal(f, max_memory="lots"), r"expected max_memory"),
@@ -290,9 +290,9 @@ def test_bad_options_are_refused_with_a_fix(call: Any, match: str) -> None:
 def test_bad_params_and_outputs_are_refused() -> None:
     f, params = funchess.functional(_mlp(), F.cross_entropy)
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
-    with pytest.raises(funchess.InvalidArgumentError, match=r"expected params\['0.weight'\] to be a real floating-point Tensor, got torch.int64"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"ggn_diagonal\(f\)\(params, inputs, targets\): params\['0.weight'\] has dtype torch.int64; expected a real floating-point Tensor"):
         funchess.ggn_diagonal(f)({**params, "0.weight": torch.ones(5, 4, dtype=torch.long)}, x, y)
-    with pytest.raises(funchess.InvalidArgumentError, match="at least one Tensor"):
+    with pytest.raises(funchess.InvalidArgumentError, match="params is an empty pytree"):
         funchess.per_sample_hessian_diagonal(f)({}, x, y)
     with pytest.raises(funchess.OutputError, match="model output to be a floating-point Tensor"):
         funchess.ggn_diagonal(lambda p, a: (a,), loss_fn=F.mse_loss)(params, x, y)
@@ -304,3 +304,38 @@ def test_bad_params_and_outputs_are_refused() -> None:
     V = funchess.per_sample_ggn_factor(f)(params, x, y)
     with pytest.raises(funchess.StructureError, match=r"GGNFactor @ v: expected 43 entries"):
         V @ torch.ones(3)
+
+
+@pytest.mark.parametrize("name", ["layernorm", "attention_sdpa"])
+def test_calls_work_under_no_grad_and_inference_mode(name: str) -> None:
+    case = CASES[name](torch.float64, "cpu")
+    f, params = _setup(case)
+    x, y = case.inputs, case.targets
+    ref_h, ref_g = ref_hessian_diagonal(f, params, x, y), ref_ggn_diagonal(f, params, x, y)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            xi, yi = x.clone(), y.clone()  # inference tensors under inference_mode
+            H = structured_hessian_diagonal(f, params, xi, yi)
+            G = funchess.ggn_diagonal(f)(params, xi, yi)
+            P = funchess.per_sample_hessian_diagonal(f)(params, xi, yi)
+        if H is not None:
+            assert_hessian_close(H, ref_h)
+        assert_hessian_close(G, ref_g)
+        assert all(t.shape[0] == x.shape[0] for t in P.values())
+
+
+def test_batch_norm_in_train_mode_and_backward_hooks_follow_the_functional_options() -> None:
+    case = CASES["batchnorm_train"](torch.float64, "cpu")
+    x, y = case.inputs, case.targets
+    f, params = funchess.functional(case.model, case.loss_fn)  # batch_norm="error" (the default)
+    with pytest.raises(funchess.InvalidArgumentError, match=r"ggn_diagonal\(f\)\(params, inputs, targets\): the model has BatchNorm1d '1' in train mode.*batch_norm='batch'"):
+        funchess.ggn_diagonal(f)(params, x, y)
+    model = _mlp()
+    handle = model[0].register_full_backward_hook(lambda m, gi, go: None)
+    f, params = funchess.functional(model, F.cross_entropy)
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(funchess.UnsupportedError, match="backward hooks"):
+        funchess.per_sample_ggn_diagonal(f)(params, x, y)
+    f, params = funchess.functional(model, F.cross_entropy, backward_hooks="skip")
+    assert_hessian_close(funchess.ggn_diagonal(f)(params, x, y), ref_ggn_diagonal(f, params, x, y))
+    handle.remove()

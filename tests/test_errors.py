@@ -10,6 +10,7 @@ from torch import nn
 
 import funchess
 from funchess import InvalidArgumentError, OutputError, StructureError, UnsupportedError
+from funchess.testing import assert_hessian_close, reference_hessian
 
 
 @pytest.fixture
@@ -28,8 +29,8 @@ def test_loss_not_scalar(setup) -> None:  # type: ignore[no-untyped-def]
     f, _ = funchess.functional(model, lambda out, t: F.mse_loss(out, t, reduction="none"))
     with pytest.raises(OutputError, match=r"funchess\.hessian\(f\)\(\.\.\.\): f must return a scalar Tensor, got shape \(5, 2\)\. Reduce the loss"):
         funchess.hessian(f)(params, x, y)
-    with pytest.raises(OutputError, match=r"funchess\.hvp\(f, primals, tangents\): f must return a scalar Tensor, got shape \(5, 2\)"):
-        funchess.hvp(lambda p: f(p, x, y), (params,), (params,))
+    with pytest.raises(OutputError, match=r"funchess\.hvp\(f\)\(params, v, \.\.\.\): f must return a scalar Tensor, got shape \(5, 2\)"):
+        funchess.hvp(lambda p: f(p, x, y))(params, params)
 
 
 def test_loss_not_a_tensor() -> None:
@@ -52,7 +53,7 @@ def test_non_floating_or_complex_params(dtype: torch.dtype) -> None:
 def test_complex_module_params_rejected_by_functional() -> None:
     model = nn.Linear(2, 2)
     model.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.complex64))
-    with pytest.raises(InvalidArgumentError, match=r"funchess\.functional\(model, loss_fn, params=\.\.\.\): parameter 'weight' has dtype torch\.complex64; expected a real floating-point Tensor\. Convert the model"):
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.functional\(model, loss_fn\): parameter 'weight' has dtype torch\.complex64; expected a real floating-point Tensor\. Convert the model"):
         funchess.functional(model)
 
 
@@ -95,38 +96,46 @@ def test_empty_params_dict(setup) -> None:  # type: ignore[no-untyped-def]
     _, f, _, x, y = setup
     with pytest.raises(InvalidArgumentError, match=r"funchess\.hessian\(f\)\(\.\.\.\): argument 0 is an empty pytree .*nothing to differentiate\. Pass at least one parameter"):
         funchess.hessian(f)({}, x, y)
-    with pytest.raises(InvalidArgumentError, match=r"primals\[0\] is an empty pytree"):
-        funchess.hvp(lambda p: f(p, x, y), ({},), ({},))
+    with pytest.raises(InvalidArgumentError, match=r"params is an empty pytree"):
+        funchess.hvp(lambda p: f(p, x, y))({}, {})
 
 
 def test_tangents_structure_mismatch(setup) -> None:  # type: ignore[no-untyped-def]
     _, f, params, x, y = setup
-    loss = lambda p: f(p, x, y)  # noqa: E731
     v = {k: torch.ones_like(p) for k, p in params.items()}
     missing = dict(v)
     missing.pop("2.bias")
-    with pytest.raises(StructureError, match=r"funchess\.hvp\(f, primals, tangents\): tangents\[0\] must have the structure of primals\[0\]; expected .*, got .*Build it from the primal"):
-        funchess.hvp(loss, (params,), (missing,))
+    with pytest.raises(StructureError, match=r"funchess\.hvp\(f\)\(params, v, \.\.\.\): v must have the structure of params; expected .*, got .*Build it from params"):
+        funchess.hvp(f)(params, missing, x, y)
     wrong_shape = dict(v)
     wrong_shape["0.weight"] = torch.ones(3, 4, dtype=torch.float64)
-    with pytest.raises(StructureError, match=r"tangents\[0\]\['0\.weight'\] must match primals\[0\]\['0\.weight'\]: expected shape \(4, 3\) and dtype torch\.float64, got shape \(3, 4\)"):
-        funchess.hvp(loss, (params,), (wrong_shape,))
+    with pytest.raises(StructureError, match=r"v\['0\.weight'\] must match params\['0\.weight'\]: expected shape \(4, 3\), dtype torch\.float64 on cpu, got shape \(3, 4\)"):
+        funchess.hvp(f)(params, wrong_shape, x, y)
     wrong_dtype = {k: t.float() for k, t in v.items()}
-    with pytest.raises(StructureError, match=r"expected shape \(4, 3\) and dtype torch\.float64, got shape \(4, 3\) and dtype torch\.float32"):
-        funchess.vhp(loss, (params,), (wrong_dtype,))
-    with pytest.raises(StructureError, match=r"expected primals to be a tuple \(as in torch\.func\.jvp\), got dict\. Wrap it"):
-        funchess.hvp(loss, params, (v,))  # type: ignore[arg-type]
+    with pytest.raises(StructureError, match=r"expected shape \(4, 3\), dtype torch\.float64 on cpu, got shape \(4, 3\), dtype torch\.float32 on cpu"):
+        funchess.hvp(f)(params, wrong_dtype, x, y)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_deprecated_hvp_form_checks_its_tuples(setup) -> None:  # type: ignore[no-untyped-def]
+    _, f, params, x, y = setup
+    loss = lambda p: f(p, x, y)  # noqa: E731
+    v = {k: torch.ones_like(p) for k, p in params.items()}
+    with pytest.raises(StructureError, match=r"funchess\.hvp\(f, primals, tangents\): expected primals to be a tuple \(as in torch\.func\.jvp\), got dict\. Wrap it"):
+        funchess.hvp(loss, params, (v,))
     with pytest.raises(StructureError, match=r"expected one tangent per primal \(1\), got 2"):
         funchess.hvp(loss, (params,), (v, v))
+    with pytest.raises(StructureError, match=r"funchess\.vhp\(f, primals, tangents\): tangents\[0\] must have the structure of primals\[0\]"):
+        funchess.vhp(loss, (params,), ({"x": v["0.bias"]},))
 
 
 def test_has_aux_with_single_output(setup) -> None:  # type: ignore[no-untyped-def]
     _, f, params, x, y = setup
-    with pytest.raises(OutputError, match=r"funchess\.hessian\(f\)\(\.\.\.\): with has_aux=True, f must return a pair \(value, aux\), got a Tensor\. Return `loss, aux` from f, or drop has_aux=True"):
+    with pytest.raises(OutputError, match=r"funchess\.hessian\(f, has_aux=True\)\(\.\.\.\): with has_aux=True, f must return a pair \(value, aux\), got a Tensor\. Return `loss, aux` from f, or drop has_aux=True"):
         funchess.hessian(f, has_aux=True)(params, x, y)
     with pytest.raises(OutputError, match=r"with has_aux=True, f must return a pair \(value, aux\), got 3 values"):
-        funchess.hvp(lambda p: (f(p, x, y), 1, 2), (params,), (params,), has_aux=True)
-    with pytest.raises(OutputError, match=r"funchess\.jacrev\(f\)\(\.\.\.\): with has_aux=True"):
+        funchess.hvp(lambda p: (f(p, x, y), 1, 2), has_aux=True)(params, params)
+    with pytest.raises(OutputError, match=r"funchess\.jacrev\(f, has_aux=True\)\(\.\.\.\): with has_aux=True"):
         funchess.jacrev(lambda p: p["2.bias"] * 2, has_aux=True)(params)
 
 
@@ -148,7 +157,7 @@ def test_bad_mode_and_chunk_size() -> None:
     with pytest.raises(InvalidArgumentError, match=r"funchess\.hessian\(f, mode='fast'\): expected mode to be one of 'auto', 'rev-rev', 'fwd-rev', got 'fast'"):
         funchess.hessian(lambda w: w.sum(), mode="fast")  # type: ignore[arg-type]
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(InvalidArgumentError, match=r"expected chunk_size to be a positive int or None, got"):
+        with pytest.raises(InvalidArgumentError, match=r"expected chunk_size \(rows or vectors per vectorised pass\) to be a positive int or 'auto', got"):
             funchess.hessian(lambda w: w.sum(), chunk_size=bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match=r"funchess\.jacfwd\(f, chunk_size=0\): expected chunk_size"):
         funchess.jacfwd(lambda w: w, chunk_size=0)
@@ -188,7 +197,7 @@ def test_dropout_in_train_mode_under_fwd_rev() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1)).double().train()
     f, params = funchess.functional(model, F.mse_loss)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    with pytest.raises(UnsupportedError, match=r"f draws random numbers \(e\.g\. dropout in train mode\) inside a vectorised pass of mode 'fwd-rev'.*Call model\.eval\(\)"):
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f, mode='fwd-rev'\)\(\.\.\.\): f draws random numbers \(e\.g\. dropout in train mode\) with randomness='error'.*Call model\.eval\(\), or pass randomness='same'"):
         funchess.hessian(f, mode="fwd-rev")(params, x, y)
 
 
@@ -201,3 +210,76 @@ def test_to_matrix_and_from_matrix_errors() -> None:
         funchess.unravel(torch.zeros(4), {"w": torch.zeros(3)})
     with pytest.raises(StructureError, match=r"funchess\.ravel\(tree\): expected a pytree whose leaves are Tensors"):
         funchess.ravel({"w": 3})
+
+
+def test_in_place_write_into_an_undifferentiated_argument_names_the_fix() -> None:
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y.copy_(x)
+        return (y * x).sum()
+
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): f writes in place into a Tensor it does not differentiate .*Copy the tensor first inside f \(e\.g\. `y = y\.clone\(\)`"):
+        funchess.hessian(f)(torch.randn(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    x = torch.randn(3, dtype=torch.float64)
+    H = funchess.hessian(lambda x, y: f(x, y.clone()))(x, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(H, 2 * torch.eye(3, dtype=torch.float64))
+
+
+class _DictModel(torch.nn.Module):
+    """A model whose forward takes one dict positionally (curvlinops' and many custom models')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lin(batch["x"] * batch["scale"])
+
+
+class _KeywordModel(torch.nn.Module):
+    """A model fed `model(**inputs)` (HuggingFace's convention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * scale)
+
+
+def test_dict_inputs_reach_forward_as_its_signature_asks() -> None:
+    torch.manual_seed(0)
+    x, scale, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for model in (_DictModel(), _KeywordModel()):
+        f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+        H = funchess.hessian(f)(params, {"x": x, "scale": scale}, y)
+        expected = reference_hessian(lambda p: torch.nn.functional.mse_loss(torch.func.functional_call(model.lin, {k.split(".", 1)[1]: v for k, v in p.items()}, (x * scale,)), y), params)
+        assert_hessian_close(H, expected, msg=type(model).__name__)
+    f, params = funchess.functional(_KeywordModel(), torch.nn.functional.mse_loss, dict_inputs="positional")
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'scale'"):
+        f(params, {"x": x, "scale": scale}, y)
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.functional\(model, loss_fn\): expected dict_inputs to be one of 'auto', 'keywords', 'positional', got 'kwargs'"):
+        funchess.functional(_KeywordModel(), dict_inputs="kwargs")  # type: ignore[arg-type]
+
+
+def test_backward_hooks_are_refused_with_the_fix_or_skipped_when_asked(snapshot) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    seen: list[int] = []
+    handle = model[0].register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    snap = snapshot(model)
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): the model has backward hooks on '0'; expected none.*Pass funchess\.functional\(model, loss_fn, backward_hooks='skip'\)"):
+        funchess.hessian(f)(params, x, y)
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss, backward_hooks="skip")
+    H = funchess.hessian(f)(params, x, y)
+    handle.remove()
+    assert_hessian_close(H, reference_hessian(funchess.functional(model, torch.nn.functional.mse_loss)[0], params, x, y))
+    assert not seen  # the hook never ran while funchess differentiated
+    handle = model[0].register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    model(x.requires_grad_()).sum().backward()  # and it is back in place afterwards
+    assert seen
+    handle.remove()
+    for p in model.parameters():
+        p.grad = None
+    snap.assert_unchanged()

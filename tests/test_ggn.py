@@ -21,7 +21,7 @@ GGN_CASES = ["mlp_mse", "mlp_ce", "conv", "layernorm", "batchnorm_eval", "embedd
 
 
 def _setup(case: Case) -> tuple[Any, dict[str, torch.Tensor]]:
-    return funchess.functional(case.model, case.loss_fn, params=case.params)
+    return case.functional()
 
 
 def _reference(case: Case, f: Any, params: dict[str, torch.Tensor], x: Any, y: Any) -> Any:
@@ -94,7 +94,7 @@ def test_ggn_of_cross_entropy_is_positive_semidefinite() -> None:
 def test_per_sample_ggn_matches_reference_loop(name: str) -> None:
     case = CASES[name](torch.float64, "cpu")
     f, params = _setup(case)
-    G = funchess.per_sample_ggn(f, chunk_size=3)(params, case.inputs, case.targets)
+    G = funchess.per_sample_ggn(f, sample_chunk_size=3)(params, case.inputs, case.targets)
     B = case.targets.shape[0]
     for i in range(B):
         x, y = case.inputs[i : i + 1], case.targets[i : i + 1]
@@ -106,20 +106,20 @@ def test_per_sample_ggn_matches_reference_loop(name: str) -> None:
 def test_per_sample_ggn_writes_into_a_reused_out_buffer() -> None:
     case = mlp_ce(torch.float64, "cpu")
     f, params = _setup(case)
-    fn = funchess.per_sample_ggn(f, chunk_size=4)
+    fn = funchess.per_sample_ggn(f, sample_chunk_size=4)
     expected = funchess.to_matrix(fn(params, case.inputs, case.targets), batch_dims=1)
     buffer = torch.full_like(expected, float("nan"))
     G = fn(params, case.inputs, case.targets, out=buffer)
     assert funchess.to_matrix(G, batch_dims=1).data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
-    with pytest.raises(funchess.StructureError, match=r"funchess\.per_sample_ggn\(f, chunk_size=4\)\(params, inputs, targets\): expected out to be a contiguous Tensor of shape .* got shape \(1, 2, 3\)"):
+    with pytest.raises(funchess.StructureError, match=r"funchess\.per_sample_ggn\(f, sample_chunk_size=4\)\(params, inputs, targets\): expected out to be a contiguous Tensor of shape .* got shape \(1, 2, 3\)"):
         fn(params, case.inputs, case.targets, out=torch.empty(1, 2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_empirical_fisher_is_the_mean_or_sum_of_gradient_outer_products(reduction: str) -> None:
     case = mlp_ce(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, functools.partial(F.cross_entropy, reduction=reduction))
+    f, params = case.functional(functools.partial(F.cross_entropy, reduction=reduction), params=None)
     grads = []
     for i in range(case.targets.shape[0]):
         leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
@@ -128,7 +128,7 @@ def test_empirical_fisher_is_the_mean_or_sum_of_gradient_outer_products(reductio
     g = torch.stack(grads)
     expected = g.T @ g / (len(grads) if reduction == "mean" else 1)
     for chunk in (None, 2):
-        F_ = funchess.empirical_fisher(f, reduction=reduction, chunk_size=chunk)(params, case.inputs, case.targets)  # type: ignore[arg-type]
+        F_ = funchess.empirical_fisher(f, reduction=reduction, sample_chunk_size=chunk)(params, case.inputs, case.targets)  # type: ignore[arg-type]
         torch.testing.assert_close(funchess.to_matrix(F_), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -140,7 +140,7 @@ def test_dropout_is_refused_by_default_and_allowed_with_one_forward() -> None:
         funchess.ggn(f)(params, x, y)
     with pytest.raises(funchess.UnsupportedError, match=r"funchess\.ggn_vp\(f\)\(params, v, inputs, targets\): f draws random numbers"):
         funchess.ggn_vp(f)(params, params, x, y)
-    G = funchess.to_matrix(funchess.ggn(f, randomness="different")(params, x, y))
+    G = funchess.to_matrix(funchess.ggn(f, randomness="same")(params, x, y))
     torch.testing.assert_close(G, G.T, rtol=1e-9, atol=1e-12)  # one mask for J and its transpose
 
 
@@ -153,7 +153,7 @@ def test_errors_are_pinned() -> None:
         r"Pass loss_fn=",
     ):
         funchess.ggn(lambda p, x: x)
-    model_only, _ = funchess.functional(case.model)
+    model_only, _ = case.functional(None, params=None)
     with pytest.raises(funchess.InvalidArgumentError, match=r"funchess\.ggn_vp\(f\): the GGN needs .* got no loss"):
         funchess.ggn_vp(model_only)
     with pytest.raises(funchess.OutputError, match=r"loss_fn must return a scalar Tensor, got \(7, 3\)\. Reduce the loss"):

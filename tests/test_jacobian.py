@@ -97,16 +97,16 @@ def test_has_aux_hessian_and_hvp() -> None:
     assert_hessian_close(H, reference_hessian(lambda x: f(x)[0], x))
     assert torch.equal(aux["y"], x.exp())
     v = torch.randn(4, dtype=D)
-    hv, aux2 = funchess.hvp(f, (x,), (v,), has_aux=True)
+    hv, aux2 = funchess.hvp(f, has_aux=True)(x, v)
     torch.testing.assert_close(hv, H @ v)
     assert torch.equal(aux2["y"], x.exp())
 
 
-def test_hvp_several_primals_returns_tuple() -> None:
+def test_hvp_of_a_tuple_of_primals_returns_a_tuple() -> None:
     x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
     f = lambda x, y: (x.sin().sum() * y.cos().sum()) ** 2  # noqa: E731
     vx, vy = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
-    hx, hy = funchess.hvp(f, (x, y), (vx, vy))
+    hx, hy = funchess.hvp(lambda xy: f(*xy))((x, y), (vx, vy))
     H = funchess.to_matrix(funchess.hessian(f, argnums=(0, 1))(x, y))
     torch.testing.assert_close(torch.cat([hx, hy]), H @ torch.cat([vx, vy]))
 
@@ -115,3 +115,18 @@ def test_kwargs_pass_through() -> None:
     x = torch.randn(3, dtype=D)
     H = funchess.hessian(lambda x, *, scale: scale * (x**4).sum())(x, scale=2.0)
     torch.testing.assert_close(H, torch.diag(24.0 * x**2))
+
+
+def test_deprecated_immediate_hvp_and_vhp_warn_and_agree() -> None:
+    x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+    f = lambda x, y: (x.sin().sum() * y.cos().sum()) ** 2  # noqa: E731
+    vx, vy = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+    with pytest.warns(FutureWarning, match=r"funchess\.hvp\(f, primals, tangents\) is deprecated .* use funchess\.hvp\(f\)\(params, v, \*data\)") as record:
+        hx, hy = funchess.hvp(f, (x, y), (vx, vy))
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    expected = funchess.hvp(lambda xy: f(*xy))((x, y), (vx, vy))
+    torch.testing.assert_close(hx, expected[0])
+    torch.testing.assert_close(hy, expected[1])
+    with pytest.warns(FutureWarning, match=r"funchess\.vhp\(f, primals, tangents\) is deprecated"):
+        (vh,) = (funchess.vhp(lambda x: f(x, y), (x,), (vx,)),)
+    torch.testing.assert_close(vh, funchess.hvp(lambda x: f(x, y))(x, vx))

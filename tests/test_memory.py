@@ -183,7 +183,7 @@ def test_probe_counts_flops_like_torch_flop_counter(kind: str) -> None:
     args = (x, x, x) if kind == "attention" else (x,)
     loss = (lambda p: f(p, args, None)) if kind == "attention" else (lambda p: f(p, x, None))
     leaves = list(params.values())
-    cost = funchess._memory.probe(loss, (params,), leaves, lambda ls: (dict(zip(params, ls)),))
+    cost = funchess._memory.probe(loss, leaves, lambda ls: (dict(zip(params, ls)),))
     assert cost.flops == _flop_counter_total(lambda: loss(params)) > 0
     assert (cost.conv_flops > 0) == kind.startswith("conv")
     assert cost.saved_bytes > 0
@@ -253,7 +253,7 @@ def _runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
 
 
 def test_planner_picks_the_joint_pass_only_where_it_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
-    from funchess._models import make_problem
+    from funchess.cli.models import make_problem
 
     calls = _runs(monkeypatch)
     small = make_problem("mlp-500")

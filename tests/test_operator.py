@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import funchess
-from funchess.testing import assert_hessian_close, reference_hessian
+from funchess.testing import assert_hessian_close
 
 from cases import CASES, Case
 
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _setup(name: str) -> tuple[Case, Any, dict[str, torch.Tensor], torch.Tensor]:
     case = CASES[name](F64, "cpu")
-    f, params = funchess.functional(case.model, case.loss_fn, params=case.params)
-    dense = funchess.to_matrix(reference_hessian(f, params, case.inputs, case.targets))
+    f, params = case.functional()
+    dense = funchess.to_matrix(case.reference())
     return case, f, params, dense
 
 
@@ -86,7 +86,7 @@ def test_fwd_rev_mode_and_float32() -> None:
     op = funchess.HessianOperator(f, params, case.inputs, case.targets, mode="fwd-rev")
     assert_hessian_close(op.as_matrix(), dense)
     case32 = CASES["mlp_mse"](torch.float32, "cpu")
-    f32, p32 = funchess.functional(case32.model, case32.loss_fn)
+    f32, p32 = case32.functional(params=None)
     op32 = funchess.HessianOperator(f32, p32, case32.inputs, case32.targets)
     assert op32.dtype == torch.float32
     assert_hessian_close(op32.as_matrix(), dense.float())
@@ -222,13 +222,13 @@ def test_operator_error_messages() -> None:
         op @ torch.zeros(n)
     with pytest.raises(funchess.StructureError, match=r"leaf \['0.weight'\] has dtype torch.float32"):
         op @ {k: v.float() for k, v in params.items()}
-    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(f, params, \*args\): expected f to be a function, got int"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(f, params, \*data\): expected f to be a function, got int"):
         funchess.HessianOperator(3, params)  # type: ignore[arg-type]
-    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(f, params, \*args\): params is an empty pytree"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(f, params, \*data\): params is an empty pytree"):
         funchess.HessianOperator(f, {})
     with pytest.raises(funchess.InvalidArgumentError, match=r"expected mode to be one of"):
         funchess.HessianOperator(f, params, mode="fast")  # type: ignore[arg-type]
-    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(...\): expected chunk_size to be a positive int or None, got 0"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess.HessianOperator\(f, params, \*data, chunk_size=0\): expected chunk_size \(rows or vectors per vectorised pass\) to be a positive int or 'auto', got 0"):
         funchess.HessianOperator(f, params, chunk_size=0)
     with pytest.raises(funchess.StructureError, match=r"funchess.DenseOperator\(H, params\): expected a square matrix, got shape \(2, 3\)"):
         funchess.DenseOperator(torch.zeros(2, 3))

@@ -24,7 +24,7 @@ PER_SAMPLE = [name for name in CASES if name != "batchnorm_train" and name not i
 
 
 def _setup(case: Case) -> tuple[Any, dict[str, torch.Tensor]]:
-    return funchess.functional(case.model, case.loss_fn, params=case.params)
+    return case.functional()
 
 
 def _sample(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -68,13 +68,13 @@ def test_per_sample_hessian_matches_reference_loop(name: str, mode: str, snapsho
 @given(
     widths=st.lists(st.integers(1, 4), min_size=2, max_size=3),
     samples=st.integers(1, 5),
-    chunk_size=st.one_of(st.none(), st.integers(1, 6)),
-    hessian_chunk_size=st.one_of(st.none(), st.integers(1, 40)),
+    sample_chunk_size=st.one_of(st.none(), st.integers(1, 6)),
+    chunk_size=st.one_of(st.none(), st.integers(1, 40)),
     mode=st.sampled_from(["auto", "fwd-rev", "rev-rev"]),
     loss=st.sampled_from(["mse", "ce"]),
 )
 def test_chunked_per_sample_hessian_matches_reference(
-    widths: list[int], samples: int, chunk_size: int | None, hessian_chunk_size: int | None, mode: str, loss: str
+    widths: list[int], samples: int, sample_chunk_size: int | None, chunk_size: int | None, mode: str, loss: str
 ) -> None:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -84,7 +84,7 @@ def test_chunked_per_sample_hessian_matches_reference(
     x = torch.randn(samples, widths[0], dtype=torch.float64)
     y = torch.randn(samples, 2, dtype=torch.float64) if loss == "mse" else torch.randint(0, 2, (samples,))
     f, params = funchess.functional(model, F.mse_loss if loss == "mse" else F.cross_entropy)
-    H = funchess.per_sample_hessian(f, mode=mode, chunk_size=chunk_size, hessian_chunk_size=hessian_chunk_size)(
+    H = funchess.per_sample_hessian(f, mode=mode, sample_chunk_size=sample_chunk_size or "auto", chunk_size=chunk_size)(
         params, x, y
     )
     for i in range(samples):
@@ -94,7 +94,7 @@ def test_chunked_per_sample_hessian_matches_reference(
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_per_sample_hessians_reduce_to_the_batch_hessian(reduction: str) -> None:
     case = mlp_ce(torch.float64, "cpu")
-    f, params = funchess.functional(case.model, functools.partial(F.cross_entropy, reduction=reduction))
+    f, params = case.functional(functools.partial(F.cross_entropy, reduction=reduction), params=None)
     M = funchess.to_matrix(funchess.per_sample_hessian(f)(params, case.inputs, case.targets), batch_dims=1)
     batch = funchess.to_matrix(funchess.hessian(f)(params, case.inputs, case.targets))
     torch.testing.assert_close(M.mean(0) if reduction == "mean" else M.sum(0), batch, rtol=1e-10, atol=1e-12)
@@ -154,7 +154,7 @@ def test_per_sample_hessian_composes_with_vmap() -> None:
     case = mlp_mse(torch.float64, "cpu")
     f, params = _setup(case)
     xs = torch.stack([case.inputs, case.inputs.flip(0)])
-    fn = funchess.per_sample_hessian(f, hessian_chunk_size=10)
+    fn = funchess.per_sample_hessian(f, chunk_size=10, sample_chunk_size="auto")
     got = torch.func.vmap(lambda x: fn(params, x, case.targets))(xs)
     for k in range(2):
         expected = fn(params, xs[k], case.targets)
@@ -182,7 +182,7 @@ def test_per_sample_hessian_of_a_plain_function_with_pytree_data() -> None:
 def test_per_sample_grad_matches_autograd_loop(name: str) -> None:
     case = CASES[name](torch.float64, "cpu")
     f, params = _setup(case)
-    g = funchess.per_sample_grad(f, chunk_size=2)(params, case.inputs, case.targets)
+    g = funchess.per_sample_grad(f, sample_chunk_size=2)(params, case.inputs, case.targets)
     for i in range(case.targets.shape[0]):
         leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
         loss = f(leaves, _sample(case.inputs, i), _sample(case.targets, i))
@@ -294,7 +294,7 @@ def test_dropout_each_sample_sees_one_mask_in_every_pass(randomness: str, mode: 
     model = _DropoutNet().double().train()
     f, params = funchess.functional(model, F.mse_loss)
     x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
-    fn = funchess.per_sample_hessian(f, mode=mode, hessian_chunk_size=1, chunk_size=4, randomness=randomness)  # type: ignore[arg-type]
+    fn = funchess.per_sample_hessian(f, mode=mode, chunk_size=1, sample_chunk_size=4, randomness=randomness)  # type: ignore[arg-type]
     H = fn(params, x, y)
     masks = []
     for i in range(6):
@@ -341,7 +341,24 @@ def test_errors_are_pinned() -> None:
         funchess.per_sample_hessian(f, randomness="sometimes")  # type: ignore[arg-type]
     with pytest.raises(funchess.InvalidArgumentError, match=r"expected mode to be one of"):
         funchess.per_sample_hvp(f, mode="fast")  # type: ignore[arg-type]
-    with pytest.raises(funchess.InvalidArgumentError, match=r"hessian_chunk_size=0\): expected chunk_size to be a positive int"):
-        funchess.per_sample_hessian(f, hessian_chunk_size=0)
-    with pytest.raises(funchess.StructureError, match=r"tangents\[0\]\['0\.bias'\] must match primals\[0\]\['0\.bias'\]"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess\.per_sample_hessian\(f, chunk_size=0, sample_chunk_size=2\): expected chunk_size \(rows or vectors per vectorised pass\) to be a positive int"):
+        funchess.per_sample_hessian(f, chunk_size=0, sample_chunk_size=2)
+    with pytest.raises(funchess.InvalidArgumentError, match=r"funchess\.per_sample_hessian\(f, sample_chunk_size=0\): expected sample_chunk_size \(samples per vectorised pass\) to be a positive int"):
+        funchess.per_sample_hessian(f, sample_chunk_size=0)
+    with pytest.raises(funchess.StructureError, match=r"funchess\.per_sample_hvp\(f\)\(params, v, \.\.\.\): v\['0\.bias'\] must match params\['0\.bias'\]"):
         funchess.per_sample_hvp(f)(params, {k: torch.zeros(2) if k == "0.bias" else p for k, p in params.items()}, case.inputs, case.targets)
+
+
+def test_renamed_chunk_sizes_warn_once_and_keep_working() -> None:
+    case = mlp_ce(torch.float64, "cpu")
+    f, params = case.functional()
+    expected = funchess.per_sample_hessian(f)(params, case.inputs, case.targets)
+    with pytest.warns(FutureWarning, match=r"hessian_chunk_size is deprecated; use chunk_size="):
+        H = funchess.per_sample_hessian(f, hessian_chunk_size=3)(params, case.inputs, case.targets)
+    assert_hessian_close(H, expected)
+    with pytest.warns(FutureWarning, match=r"chunk_size now counts Hessian rows per pass \(before funchess 0\.2 it counted samples"):
+        H = funchess.per_sample_hessian(f, chunk_size=3)(params, case.inputs, case.targets)
+    assert_hessian_close(H, expected)
+    with pytest.warns(FutureWarning, match=r"funchess\.per_sample_grad\(f\): chunk_size is deprecated for samples per pass; use sample_chunk_size="):
+        g = funchess.per_sample_grad(f, chunk_size=2)(params, case.inputs, case.targets)
+    assert_hessian_close(g, funchess.per_sample_grad(f)(params, case.inputs, case.targets))

@@ -65,8 +65,8 @@ def test_symmetry_and_adjoint_identity(pr: dict[str, Any]) -> None:
     v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in p.items()}
     w = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in p.items()}
     loss = lambda q: f(q, x, y)  # noqa: E731
-    hv = funchess.ravel(funchess.hvp(loss, (p,), (v,)))
-    hw = funchess.ravel(funchess.hvp(loss, (p,), (w,)))
+    hv = funchess.ravel(funchess.hvp(loss)(p, v))
+    hw = funchess.ravel(funchess.hvp(loss)(p, w))
     rv, rw = funchess.ravel(v), funchess.ravel(w)
     torch.testing.assert_close(hv @ rw, rv @ hw, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(hv, M @ rv, rtol=1e-9, atol=1e-12)
@@ -97,9 +97,9 @@ def test_hvp_vmapped_over_tangents_equals_loop(pr: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(1)
     V = {k: torch.randn((3, *t.shape), generator=gen, dtype=t.dtype) for k, t in p.items()}
     for mode in ("rev-rev", "fwd-rev"):
-        batched = torch.func.vmap(lambda v: funchess.hvp(loss, (p,), (v,), mode=mode))(V)
+        batched = torch.func.vmap(funchess.hvp(loss, mode=mode), in_dims=(None, 0))(p, V)
         for i in range(3):
-            looped = funchess.hvp(loss, (p,), ({k: t[i] for k, t in V.items()},), mode=mode)
+            looped = funchess.hvp(loss, mode=mode)(p, {k: t[i] for k, t in V.items()})
             assert_hessian_close({k: t[i] for k, t in batched.items()}, looped)
 
 

@@ -11,21 +11,13 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .._checks import check_callable, check_chunk_size, check_primals, check_randomness
+from .._compose import check_function, differentiable, random_error, usable
 from .._errors import StructureError, UnsupportedError
 from .._memory import parse_bytes
+from .._samples import PER_SAMPLE_FIX
 from .._tree import tree_flatten, tree_map, tree_unflatten
-from ._checks import (
-    call_label,
-    check_callable,
-    check_chunk,
-    check_params,
-    check_per_sample,
-    check_randomness,
-    check_samples,
-    random_error,
-    recurrent,
-    split_model,
-)
+from ._checks import check_samples, label, recurrent, split_model
 from ._route import GGNJob, ggn_parts, structured_hessian_diagonal
 
 PyTree = Any
@@ -39,13 +31,13 @@ def ggn_job(
     max_memory: int | float | str | None, randomness: str,
 ) -> GGNJob:
     """Check a GGN function's options once, when the transform is built."""
-    call = call_label(
-        name, loss_fn=loss_fn, samples=samples, generator=generator, chunk_size=chunk_size,
-        sample_chunk_size=sample_chunk_size, max_memory=max_memory, randomness=randomness,
-    )
+    call = label(name, {
+        "loss_fn": loss_fn, "samples": samples, "generator": generator, "chunk_size": chunk_size,
+        "sample_chunk_size": sample_chunk_size, "max_memory": max_memory, "randomness": randomness,
+    })
     output, loss = split_model(call, f, loss_fn)
-    chunk = check_chunk(call, "chunk_size", chunk_size)
-    sample_chunk = check_chunk(call, "sample_chunk_size", sample_chunk_size)
+    chunk = check_chunk_size(call, chunk_size)
+    sample_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_samples(call, samples, generator)
     check_randomness(call, randomness)
     if max_memory is not None:
@@ -116,13 +108,15 @@ def ggn_diagonal(
     @functools.wraps(f)
     def ggn_diagonal_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{job.call}(params, inputs, targets)"
-        check_params(here, params)
-        return ggn_parts(_at(job, here), params, inputs, targets, "diag")[0]
+        check_primals(here, (params,), ["params"])
+        check_function(here, f)
+        return ggn_parts(at_call(job, here), params, inputs, targets, "diag")[0]
 
     return ggn_diagonal_fn
 
 
-def _at(job: GGNJob, here: str) -> GGNJob:
+def at_call(job: GGNJob, here: str) -> GGNJob:
+    """The job with the call label of one call (with its arguments)."""
     return GGNJob(here, job.f, job.output, job.loss, job.samples, job.generator, job.chunk, job.sample_chunk, job.max_memory, job.randomness)
 
 
@@ -161,9 +155,9 @@ def per_sample_ggn_diagonal(
     @functools.wraps(f)
     def per_sample_ggn_diagonal_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{job.call}(params, inputs, targets)"
-        check_params(here, params)
-        check_per_sample(here, f)
-        return ggn_parts(_at(job, here), params, inputs, targets, "per_sample")[0]
+        check_primals(here, (params,), ["params"])
+        check_function(here, f, per_sample=True)
+        return ggn_parts(at_call(job, here), params, inputs, targets, "per_sample")[0]
 
     return per_sample_ggn_diagonal_fn
 
@@ -210,10 +204,12 @@ def per_sample_hessian_diagonal(
         >>> torch.allclose(d["2.bias"][1], torch.diagonal(H["2.bias"]["2.bias"]), atol=1e-6)
         True
     """
-    call = call_label("per_sample_hessian_diagonal", chunk_size=chunk_size, sample_chunk_size=sample_chunk_size, max_memory=max_memory, randomness=randomness)
+    call = label("per_sample_hessian_diagonal", {
+        "chunk_size": chunk_size, "sample_chunk_size": sample_chunk_size, "max_memory": max_memory, "randomness": randomness,
+    })
     check_callable(call, f)
-    chunk = check_chunk(call, "chunk_size", chunk_size)
-    sample_chunk = check_chunk(call, "sample_chunk_size", sample_chunk_size)
+    chunk = check_chunk_size(call, chunk_size)
+    sample_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
     if max_memory is not None:
         parse_bytes(call, max_memory)
@@ -221,14 +217,15 @@ def per_sample_hessian_diagonal(
     @functools.wraps(f)
     def per_sample_hessian_diagonal_fn(params: PyTree, *data: Any) -> PyTree:
         here = f"{call}(params, ...)"
-        check_params(here, params)
-        check_per_sample(here, f)
+        check_primals(here, (params,), ["params"])
+        check_function(here, f, per_sample=True)
         out = structured_hessian_diagonal(
             f, params, *data, per_sample=True, chunk_size=chunk, sample_chunk_size=sample_chunk, max_memory=max_memory
         )
         if out is not None:
             return out
-        return _generic_per_sample_hessian_diagonal(here, f, params, data, chunk, sample_chunk, max_memory, randomness)
+        with differentiable():  # copies of inference tensors made outside inference mode
+            return _generic_per_sample_hessian_diagonal(here, f, params, usable(data), chunk, sample_chunk, max_memory, randomness)
 
     return per_sample_hessian_diagonal_fn
 
@@ -248,7 +245,8 @@ def _generic_per_sample_hessian_diagonal(
             f"per-sample data only; close over tensors shared by all samples inside f."
         )
     B = int(leaves[index[0]].shape[0])
-    diag = hessian_diagonal(f, chunk_size="auto" if chunk is None else chunk, max_memory=max_memory)
+    inner = "error" if randomness == "error" else "same"  # each sample's passes replay its draw
+    diag = hessian_diagonal(f, chunk_size="auto" if chunk is None else chunk, max_memory=max_memory, randomness=inner)
 
     def one(*tensors: Tensor) -> PyTree:
         full = list(leaves)
@@ -264,8 +262,9 @@ def _generic_per_sample_hessian_diagonal(
     for b0 in range(0, B, size):
         try:
             parts.append(vmap(one, randomness=randomness)(*[leaves[i][b0 : b0 + size] for i in index]))
-        except (RuntimeError, UnsupportedError) as exc:
-            if "random" in str(exc) and randomness == "error":
-                raise random_error(call) from exc
-            raise
+        except (RuntimeError, UnsupportedError) as exc:  # torch's vmap error, or the engine's
+            translated = random_error(call, exc, PER_SAMPLE_FIX)
+            if translated is None:
+                raise
+            raise translated from exc
     return tree_map(lambda *t: torch.cat(t), *parts)

@@ -1,7 +1,5 @@
-"""Validation for the diagonal and factor functions: call labels, options, params, the model.
-
-(Candidates for the shared `_checks.py` of the house plan; kept here, small, until it exists.)
-"""
+"""What the diagonal and factor functions check beyond the shared `_checks`: Monte-Carlo options,
+the model's output and loss, and the memory budget (asked of the system only when needed)."""
 
 from __future__ import annotations
 
@@ -11,53 +9,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._errors import InvalidArgumentError, OutputError, UnsupportedError
+from .._checks import call_label, check_callable
+from .._errors import InvalidArgumentError, OutputError
 from .._functional import ModuleFunction
-from .._memory import available_bytes, parse_bytes
-from .._tree import tree_flatten
-
-_RANDOMNESS = ("error", "same", "different")
-_DEFAULTS: dict[str, Any] = {
-    "loss_fn": None, "samples": None, "generator": None, "chunk_size": "auto",
-    "sample_chunk_size": "auto", "max_memory": None, "randomness": "error",
-}
-_DEFAULT_FRACTION = 0.8
+from .._memory import default_budget, parse_bytes
 
 
-def call_label(name: str, **opts: Any) -> str:
-    """`funchess.name(f, opt=...)` with the options that differ from their defaults."""
-    shown = "".join(
-        f", {k}={_show(v)}" for k, v in opts.items() if not (v is _DEFAULTS.get(k) or (isinstance(v, str) and v == _DEFAULTS.get(k)))
-    )
-    return f"funchess.{name}(f{shown})"
+def label(name: str, opts: dict[str, Any]) -> str:
+    """`call_label` for these functions: `samples` and `generator` shown only when given."""
+    shown = {k: v for k, v in opts.items() if k not in ("samples", "generator") or v is not None}
+    if isinstance(shown.get("generator"), torch.Generator):
+        shown["generator"] = _Shown("<torch.Generator>")
+    return call_label(name, shown)
 
 
-def _show(v: Any) -> str:
-    if callable(v) and hasattr(v, "__name__"):
-        return str(v.__name__)
-    if isinstance(v, torch.Generator):
-        return "<generator>"
-    return repr(v)
-
-
-def check_callable(call: str, f: Any) -> None:
-    if not callable(f):
-        raise InvalidArgumentError(
-            f"{call}: expected f to be a function, got {type(f).__name__}. Pass the loss function "
-            f"from funchess.functional(model, loss_fn), or a function of (params, inputs)."
-        )
-
-
-def check_chunk(call: str, name: str, value: Any) -> int | None:
-    """None for "plan it" ("auto" or None), else the positive int."""
-    if value is None or (isinstance(value, str) and value == "auto"):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(
-            f"{call}: expected {name} to be a positive int or 'auto', got {value!r}. Pass e.g. "
-            f"{name}=32 (smaller uses less memory), or leave it 'auto'."
-        )
-    return value
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def check_samples(call: str, samples: Any, generator: Any) -> None:
@@ -70,15 +38,6 @@ def check_samples(call: str, samples: Any, generator: Any) -> None:
         raise InvalidArgumentError(
             f"{call}: expected generator to be a torch.Generator or None, got "
             f"{type(generator).__name__}. Pass torch.Generator().manual_seed(0)."
-        )
-
-
-def check_randomness(call: str, randomness: Any) -> None:
-    if randomness not in _RANDOMNESS:
-        raise InvalidArgumentError(
-            f"{call}: expected randomness to be one of {', '.join(map(repr, _RANDOMNESS))}, got "
-            f"{randomness!r}. Keep 'error' for a deterministic model (model.eval()); pass "
-            f"'different' to give every sample its own dropout mask."
         )
 
 
@@ -97,7 +56,7 @@ class Budget:
         if self.fixed is not None:
             return self.fixed
         if self._free is None:
-            self._free = int(_DEFAULT_FRACTION * available_bytes(self.device))
+            self._free = default_budget(self.device)
         return self._free
 
     def fits(self, nbytes: int) -> bool:
@@ -110,24 +69,6 @@ class Budget:
         if self.fits(nbytes_each * most):
             return most
         return max(1, min(most, self.value() // max(nbytes_each, 1)))
-
-
-def check_params(call: str, params: Any) -> list[Tensor]:
-    leaves, spec = tree_flatten(params)
-    if not leaves:
-        raise InvalidArgumentError(
-            f"{call}: expected params to hold at least one Tensor, got an empty pytree ({spec}). "
-            f"Pass the params dict from funchess.functional."
-        )
-    for path, leaf in zip(spec.paths(), leaves):
-        where = "params" + "".join(f"[{p!r}]" for p in path)
-        if not isinstance(leaf, Tensor) or not leaf.is_floating_point() or leaf.is_complex():
-            got = leaf.dtype if isinstance(leaf, Tensor) else type(leaf).__name__
-            raise InvalidArgumentError(
-                f"{call}: expected {where} to be a real floating-point Tensor, got {got}. Convert "
-                f"it (e.g. .double()), or leave it out of params."
-            )
-    return leaves
 
 
 def split_model(
@@ -151,35 +92,14 @@ def split_model(
     return output, loss
 
 
-def model_of(f: Any) -> nn.Module | None:
-    return f.model if isinstance(f, ModuleFunction) else None
-
-
-def coupling(f: Any) -> str | None:
-    """A description of the first module whose output mixes the samples (batch statistics)."""
-    model = model_of(f)
-    for name, m in model.named_modules() if model is not None else ():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-            state = "in train mode" if m.training else "with track_running_stats=False"
-            return f"{type(m).__name__} {name!r} {state}"
-    return None
+def couples_samples(f: Any) -> bool:
+    """Whether `f`'s model normalises with batch statistics (allowed with batch_norm='batch')."""
+    return isinstance(f, ModuleFunction) and f.batch_statistics() is not None
 
 
 def recurrent(f: Any) -> bool:
     """Whether the model has recurrent layers (torch.func.vmap has no batching rule for them)."""
-    model = model_of(f)
-    return model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
-
-
-def check_per_sample(call: str, f: Any) -> None:
-    hit = coupling(f)
-    if hit is not None:
-        raise InvalidArgumentError(
-            f"{call}: expected a model whose samples do not interact, got {hit}; its batch "
-            f"statistics couple the samples, so per-sample quantities are undefined. Call "
-            f"model.eval() (every batch norm then uses its running statistics), or use the batch "
-            f"functions (funchess.hessian_diagonal, funchess.ggn_diagonal)."
-        )
+    return isinstance(f, ModuleFunction) and any(isinstance(m, nn.RNNBase) for m in f.model.modules())
 
 
 def check_output(call: str, z: Any) -> Tensor:
@@ -203,33 +123,3 @@ def check_loss(call: str, loss: Callable[..., Tensor], z: Tensor, targets: Any) 
             f"{call}: expected loss_fn(output, targets) to return a floating-point scalar, got "
             f"{got}. Reduce the loss over the batch (reduction='mean' or 'sum')."
         )
-
-
-def random_error(call: str) -> UnsupportedError:
-    return UnsupportedError(
-        f"{call}: f draws random numbers (e.g. dropout in train mode) with randomness='error'; "
-        f"expected a deterministic function. Call model.eval(), or pass randomness='different' "
-        f"(each sample its own mask) or 'same' (one mask for all samples)."
-    )
-
-
-class RandomGuard:
-    """With randomness="error", raise if the forward advanced the random number generator."""
-
-    def __init__(self, call: str, randomness: str, device: torch.device) -> None:
-        self.call, self.check = call, randomness == "error"
-        self.cuda = device if device.type == "cuda" else None
-
-    def _state(self) -> list[Tensor]:
-        states = [torch.get_rng_state()]
-        if self.cuda is not None:
-            states.append(torch.cuda.get_rng_state(self.cuda))
-        return states
-
-    def __enter__(self) -> RandomGuard:
-        self.before = self._state() if self.check else []
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.check and exc[0] is None and any(not torch.equal(a, b) for a, b in zip(self.before, self._state())):
-            raise random_error(self.call)

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_primals
+from .._compose import check_function
 from .._errors import StructureError
 from .._tree import tree_flatten, tree_unflatten
-from ._api import ChunkSize, Randomness, _at, ggn_job
-from ._checks import check_params, check_per_sample
+from ._api import ChunkSize, Randomness, at_call, ggn_job
 from ._curvature import weighted_sum
 from ._route import ggn_parts
 
@@ -148,9 +149,9 @@ def per_sample_ggn_factor(
     @functools.wraps(f)
     def per_sample_ggn_factor_fn(params: PyTree, inputs: Any, targets: Any = None) -> GGNFactor:
         here = f"{job.call}(params, inputs, targets)"
-        check_params(here, params)
-        check_per_sample(here, f)
-        columns, signs = ggn_parts(_at(job, here), params, inputs, targets, "columns")
+        check_primals(here, (params,), ["params"])
+        check_function(here, f, per_sample=True)
+        columns, signs = ggn_parts(at_call(job, here), params, inputs, targets, "columns")
         return GGNFactor(columns, signs)
 
     return per_sample_ggn_factor_fn

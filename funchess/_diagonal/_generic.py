@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .._compat import vjp
+from .._compose import RandomState
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._curvature import as_factor, weighted_sum
 from ._losses import eigen_blocks, monte_carlo
@@ -35,35 +36,29 @@ Output = Callable[[PyTree, Any], Tensor]
 
 
 class RngReplay:
-    """Saves the random generators' state per slice of samples and restores it on request."""
+    """The random generators' state saved per slice of samples, replayed on request (for
+    randomness "same" / "different": the `vjp`s then draw what the forward drew)."""
 
     def __init__(self, active: bool, device: torch.device) -> None:
-        self.active = active
-        self.cuda = device if device.type == "cuda" else None
-        self.states: dict[int, tuple[Tensor, Tensor | None]] = {}
-        self.end: tuple[Tensor, Tensor | None] | None = None
-
-    def _get(self) -> tuple[Tensor, Tensor | None]:
-        return torch.get_rng_state(), torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
-
-    def _set(self, state: tuple[Tensor, Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None and self.cuda is not None:
-            torch.cuda.set_rng_state(state[1], self.cuda)
+        self.active, self.device = active, device
+        self.states: dict[int, RandomState] = {}
+        self.end: RandomState | None = None
 
     def save(self, key: int) -> None:
         if self.active:
-            self.states[key] = self._get()
+            self.states[key] = RandomState(self.device)
+            self.states[key].save()
 
     def replay(self, key: int) -> None:
         if self.active:
             if self.end is None:
-                self.end = self._get()
-            self._set(self.states[key])
+                self.end = RandomState(self.device)
+                self.end.save()
+            self.states[key].replay()
 
     def finish(self) -> None:
-        if self.active and self.end is not None:
-            self._set(self.end)
+        if self.end is not None:
+            self.end.replay()
 
 
 def take(tree: PyTree, b0: int, b1: int) -> PyTree:

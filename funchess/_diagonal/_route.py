@@ -7,6 +7,7 @@ modules, the generic autodiff paths everywhere else (both exact; see the package
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,15 @@ from torch import Tensor
 from torch.func import vmap
 
 from .._compat import inside_transform, vjp
+from .._compose import RandomState, differentiable, usable
 from .._errors import MemoryBudgetError
+from .._functional import ModuleFunction
 from .._memory import format_bytes
 from .._safe_ops import SecondOrderSafe
+from .._samples import PER_SAMPLE_FIX
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
-from ._checks import Budget, RandomGuard, check_loss, check_output, coupling, model_of, recurrent
+from ._checks import Budget, check_loss, check_output, couples_samples, recurrent
 from ._curvature import as_factor
 from ._generic import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
 from ._losses import output_curvature
@@ -69,7 +73,9 @@ def structured_hessian_diagonal(
         hessian=True, per_sample=per_sample, chunk_size=chunk_size, sample_chunk_size=sample_chunk_size,
         budget=Budget("funchess.hessian_diagonal(f)", max_memory, device),
     )
-    out = run_chain(steps, f.loss_fn, data[0], data[1] if len(data) == 2 else None, opts)
+    with differentiable():  # copies of inference tensors made outside inference mode
+        data = usable(data)
+        out = run_chain(steps, f.loss_fn, data[0], data[1] if len(data) == 2 else None, opts)
     if out is None:
         return None
     return {k: out[0][k] for k in params}
@@ -93,7 +99,13 @@ class GGNJob:
 
 def ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
     """`kind`: "diag" (the batch GGN's diagonal), "per_sample" (each sample's diagonal), or
-    "columns" (each sample's factor columns, with their signs)."""
+    "columns" (each sample's factor columns, with their signs). Works under `torch.no_grad()` and
+    `torch.inference_mode()`."""
+    with differentiable():  # copies of inference tensors made outside inference mode
+        return _ggn_parts(job, usable(params), usable(inputs), usable(targets), kind)
+
+
+def _ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
     per_sample = kind != "diag"
     leaves, _ = tree_flatten(params)
     device = leaves[0].device
@@ -110,7 +122,7 @@ def ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) ->
             if out is not None:
                 return {k: out[0][k] for k in params}, out[1]
     with SecondOrderSafe():  # fused attention / norms / RNN kernels as differentiable compositions
-        if coupling(job.f) is not None:
+        if couples_samples(job.f):
             return _batch_route(job, params, inputs, targets), None  # the per-sample kinds refuse these models
         if recurrent(job.f):
             return _loop_route(job, params, inputs, targets, kind)
@@ -124,10 +136,10 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     itemsize = leaves[0].element_size()
     first = job.sample_chunk or B
     replay = RngReplay(job.randomness != "error", leaves[0].device)
-    with RandomGuard(job.call, job.randomness, leaves[0].device), torch.no_grad():
+    with _guard(job, leaves[0].device, kind != "diag"), torch.no_grad():
         z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
     check_loss(job.call, job.loss, z, targets)
-    if kind == "diag" and model_of(job.f) is None and job.randomness == "error" and not _independent(job, params, inputs, z):
+    if kind == "diag" and not isinstance(job.f, ModuleFunction) and job.randomness == "error" and not _independent(job, params, inputs, z):
         return _batch_route(job, params, inputs, targets), None  # a plain function that mixes the samples
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:  # the loss couples the samples: only the batch GGN is defined
@@ -164,6 +176,14 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     return tree_unflatten(spec, cat), signs
 
 
+def _guard(job: GGNJob, device: torch.device, per_sample: bool = False) -> Any:
+    """With randomness="error", refuse a forward that draws random numbers (dropout in train mode)."""
+    if job.randomness != "error" or inside_transform():
+        return contextlib.nullcontext()
+    fix = PER_SAMPLE_FIX if per_sample else None
+    return RandomState(device).guard(job.call, fix)
+
+
 def _independent(job: GGNJob, params: Any, inputs: Any, z: Tensor) -> bool:
     """Whether a plain function's outputs are those of its samples one by one (no batch
     statistics): compared with one `vmap`ped forward over batches of one."""
@@ -181,7 +201,7 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
     """Models whose samples interact (batch statistics), recurrent layers (no `vmap` over
     samples), or losses that couple the samples: columns of the batch output pulled back through
     the batch's one `vjp`."""
-    with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device):
+    with _guard(job, tree_flatten(params)[0][0].device):
         z, back = vjp(lambda p: job.output(p, inputs), params)
     z = check_output(job.call, z).detach()
     check_loss(job.call, job.loss, z, targets)
@@ -205,7 +225,7 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
 def _loop_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
     """Recurrent layers: `vmap` cannot batch them over samples, so one `vjp` per sample (each
     pulling back all its columns)."""
-    with RandomGuard(job.call, job.randomness, tree_flatten(params)[0][0].device), torch.no_grad():
+    with _guard(job, tree_flatten(params)[0][0].device, kind != "diag"), torch.no_grad():
         z = check_output(job.call, job.output(params, inputs)).detach()
     check_loss(job.call, job.loss, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)

@@ -1,16 +1,68 @@
-"""Reports of a benchmark run: markdown tables (with a headline of ratios) and a log-log plot."""
+"""Results of a benchmark run and their reports: markdown tables (with a headline of ratios) and a
+log-log plot. `funchess.cli.bench` produces the `Result`s; this module only reads them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._bench import ProblemInfo, Result
-from ._bench_methods import _DTYPES, CHUNK, METHODS, TOLERANCE, find_method
-from ._measure import fmt_bytes, fmt_seconds
+from .measure import fmt_bytes, fmt_seconds
+from .methods import CHUNK, METHODS, TOLERANCE, Sizes, find_method
+from .models import DTYPES
 
-__all__ = ["markdown", "plot", "status_text"]
+__all__ = ["Result", "ProblemInfo", "markdown", "plot", "status_text"]
+
+
+@dataclass
+class Result:
+    """What a job measured (times in seconds, memory in bytes); `status` is "ok", "WRONG",
+    "fails", "timeout", "crashed", "skipped", "not installed" or "unchecked"."""
+
+    section: str
+    problem: str
+    dtype: str
+    method: str
+    device: str
+    status: str
+    n: int = 0
+    time: float | None = None
+    times: list[float] = field(default_factory=list)
+    extrapolated: bool = False
+    rows: int | None = None
+    peak_memory: int | None = None
+    memory_kind: str = ""
+    error: float | None = None
+    tolerance: float | None = None
+    flops: float | None = None  # the method's own arithmetic (matmul/conv FLOPs, torch.utils.flop_counter)
+    estimate: float | None = None  # the memory estimate that decided whether it ran
+    message: str = ""
+
+    @property
+    def has_time(self) -> bool:
+        return self.time is not None and self.status in ("ok", "WRONG", "unchecked")
+
+
+@dataclass
+class ProblemInfo:
+    """Sizes and arithmetic of a problem, measured once in the parent process."""
+
+    name: str
+    family: str
+    description: str
+    n: int
+    batch: int
+    activations: int
+    hvp_flops: float  # matmul/conv FLOPs of one double-backward HVP (torch.utils.flop_counter)
+
+    def sizes(self, dtype: str) -> Sizes:
+        return Sizes(self.n, DTYPES[dtype].itemsize, self.batch, self.activations)
+
+    @property
+    def hessian_flops(self) -> float:
+        """The full Hessian's arithmetic: N Hessian-vector products."""
+        return self.n * self.hvp_flops
 
 
 def status_text(res: Result, short: bool = False) -> str:
@@ -74,7 +126,7 @@ def markdown(results: Sequence[Result], infos: dict[str, ProblemInfo], meta: dic
         ref_t, ref_name = _reference_time(rows, section)
         out.append(f"## {section}: {prob}, {dt}")
         out.append("")
-        itemsize = _DTYPES[dt].itemsize
+        itemsize = DTYPES[dt].itemsize
         size = info.n**2 * itemsize * (info.batch if section == "per-sample" else 1)
         what = {"hessian": "H", "per-sample": "the B per-sample Hessians"}.get(section)
         out.append(f"{info.description}; N = {info.n:,} parameters"
@@ -171,7 +223,7 @@ def plot(results: Sequence[Result], infos: dict[str, ProblemInfo], path: Path) -
     from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
-    dtypes = sorted({r.dtype for r in rows}, key=list(_DTYPES).index)
+    dtypes = sorted({r.dtype for r in rows}, key=list(DTYPES).index)
     names = [m.name for m in METHODS if m.section == "hessian" and any(r.method == m.name for r in rows)]
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     shapes = {"mlp": "o", "cnn": "s", "transformer": "^"}

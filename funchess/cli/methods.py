@@ -11,7 +11,7 @@ Sections:
 - "per-sample": one Hessian per sample (loops against `vmap`).
 
 A new method is one `Method(...)` entry in `METHODS` (a new problem is one entry in
-`funchess._models.PROBLEMS`). Every output is checked by `check` against the float64 oracle of
+`funchess.cli.models.PROBLEMS`). Every output is checked by `check` against the float64 oracle of
 `funchess.testing`, so a wrong answer is flagged, never hidden.
 """
 
@@ -27,16 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._hessian import hessian, hessian_diagonal, hvp
-from ._measure import sync
-from ._models import Problem
-from ._per_sample import per_sample_hessian
-from ._tree import offsets, ravel, to_matrix, unravel
+from funchess import hessian, hessian_diagonal, hvp, per_sample_hessian, ravel, to_matrix, unravel
 
-__all__ = ["Method", "METHODS", "SECTIONS", "TOLERANCE", "CHUNK", "Sizes", "find_method", "check"]
+from .measure import sync
+from .models import Problem
+
+__all__ = ["Method", "METHODS", "SECTIONS", "TOLERANCE", "CHUNK", "Sizes", "find_method", "check", "block_starts"]
 
 SECTIONS = ("hessian", "hvp", "diagonal", "per-sample")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Largest relative error (of rows `H e_i` and products `H v`) that counts as correct.
 TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
 CHUNK = 256  # the chunk size given to peers that take one (USERS.md: 64-256 is best on CPU)
@@ -63,8 +61,8 @@ class Method:
         requires: modules that must be importable (else the method is listed as not installed).
         applies: which problems the method supports at all (e.g. BackPACK's layer whitelist).
         partial: the method can stop after some rows and be extrapolated (the nested loop).
-        loop: one Python-level pass per row or sample (counting its FLOPs is slow, ~10x).
-        core: also run on the largest problems (`CORE_ONLY` in `funchess._bench`, where only the
+        loop: one Python-level pass per row or sample (counting its FLOPs is slow).
+        core: also run on the largest problems (`CORE_ONLY` in `funchess.cli.bench`, where only the
             default funchess entry and the main peers run).
         unit: the section's unit of time (the gradient in "hvp"): ratios are taken to it.
         quantity: what the output is when it is not the section's quantity ("gradient").
@@ -242,7 +240,8 @@ def _grad_func(problem: Problem, _: Any) -> Callable[[], Any]:
 def _funchess_hvp(mode: str) -> Callable[[Problem, Any], Callable[[], Any]]:
     def build(problem: Problem, v: Any) -> Callable[[], Any]:
         loss, params = _loss_of(problem)
-        return lambda: hvp(loss, (params,), (v,), mode=mode)  # type: ignore[arg-type]
+        product = hvp(loss, mode=mode)  # type: ignore[arg-type]
+        return lambda: product(params, v)
 
     return build
 
@@ -487,9 +486,23 @@ def _probe(problem: Problem) -> dict[str, Tensor]:
     return unravel(flat, params)  # type: ignore[no-any-return]
 
 
+def block_starts(params: dict[str, Tensor]) -> list[int]:
+    """Where each parameter's rows start in the flat (`funchess.ravel`) order, and the total `N`.
+
+    Example:
+        >>> import torch
+        >>> block_starts({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        [0, 6, 9]
+    """
+    starts = [0]
+    for p in params.values():
+        starts.append(starts[-1] + p.numel())
+    return starts
+
+
 def _probe_rows(params: dict[str, Tensor], available: int) -> list[int]:
     """Rows to check: the first and last of every parameter block, plus a few random ones."""
-    off = offsets([p.shape for p in params.values()])
+    off = block_starts(params)
     rows = {o for o in off[:-1]} | {o - 1 for o in off[1:]}
     gen = torch.Generator().manual_seed(1)
     rows |= set(torch.randint(0, off[-1], (4,), generator=gen).tolist())
@@ -520,7 +533,7 @@ def check(method: Method, problem: Problem, value: Tensor, rows: int | None = No
     with one plain double backward each on a float64 copy of the problem; "per-sample" checks the
     first and last sample, "hvp" the fixed probe direction, "gradient" a float64 gradient.
     """
-    from .testing import reference_hvp
+    from funchess.testing import reference_hvp
 
     p64 = problem.to(torch.float64)
     f, params = p64.function()

@@ -1,12 +1,12 @@
 """`python -m funchess bench`: funchess against its peers, in one reproducible run.
 
-The benchmark is a registry of problems (`funchess._models.PROBLEMS`) times methods
-(`funchess._bench_methods.METHODS`) in four sections: full Hessians, Hessian-vector products,
+The benchmark is a registry of problems (`funchess.cli.models.PROBLEMS`) times methods
+(`funchess.cli.methods.METHODS`) in four sections: full Hessians, Hessian-vector products,
 diagonals and per-sample Hessians. This module plans the (section, problem, dtype, method) jobs,
 skips what would not fit in memory or time (and says so), and runs each job in a fresh process
 forked from a server that has imported torch, so that peak memory is that method's alone: RSS
 above the process's start on CPU, the CUDA allocator's peak on GPU. Reports come from
-`funchess._bench_report`.
+`funchess.cli.report`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -30,22 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._bench_methods import (
-    _DTYPES,
-    BENCH_EXTRA,
-    METHODS,
-    SECTIONS,
-    TOLERANCE,
-    Method,
-    Sizes,
-    _probe,
-    check,
-    find_method,
-)
-from ._measure import PeakMemory, available_memory, fmt_bytes, fmt_seconds, machine, matmul_gflops, sync
-from ._models import PROBLEMS, TINY, make_problem
+import funchess
 
-__all__ = ["Job", "Result", "ProblemInfo", "Settings", "run_job", "run_jobs", "plan", "main"]
+from .measure import PeakMemory, available_memory, fmt_bytes, fmt_seconds, machine, matmul_gflops, sync
+from .methods import BENCH_EXTRA, METHODS, SECTIONS, TOLERANCE, Method, _probe, check, find_method
+from .models import DTYPES, PROBLEMS, TINY, make_problem
+from .progress import Bar
+from .report import ProblemInfo, Result, markdown, plot, status_text
+
+__all__ = ["Job", "Settings", "run_job", "run_jobs", "plan", "problem_info", "main"]
 
 # ----------------------------------------------------------------------------- one job, in a fresh process
 
@@ -68,35 +61,6 @@ class Job:
     threads: int | None = None  # torch.set_num_threads in the worker (None: torch's default)
 
 
-@dataclass
-class Result:
-    """What a job measured (times in seconds, memory in bytes); `status` is "ok", "WRONG",
-    "fails", "timeout", "crashed", "skipped", "not installed" or "unchecked"."""
-
-    section: str
-    problem: str
-    dtype: str
-    method: str
-    device: str
-    status: str
-    n: int = 0
-    time: float | None = None
-    times: list[float] = field(default_factory=list)
-    extrapolated: bool = False
-    rows: int | None = None
-    peak_memory: int | None = None
-    memory_kind: str = ""
-    error: float | None = None
-    tolerance: float | None = None
-    flops: float | None = None  # the method's own arithmetic (matmul/conv FLOPs, torch.utils.flop_counter)
-    estimate: float | None = None  # the memory estimate that decided whether it ran
-    message: str = ""
-
-    @property
-    def has_time(self) -> bool:
-        return self.time is not None and self.status in ("ok", "WRONG", "unchecked")
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -114,7 +78,7 @@ def _worker(job_fields: dict[str, Any], conn: Connection) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         method = find_method(job.section, job.method)
-        dtype = _DTYPES[job.dtype]
+        dtype = DTYPES[job.dtype]
         problem = make_problem(job.problem, dtype, device)
         n = problem.num_params
 
@@ -185,7 +149,7 @@ def _context() -> Any:
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         # torch._dynamo is what the first torch.func call imports (seconds); import it once here
-        ctx.set_forkserver_preload(["torch._dynamo", "funchess._bench"])
+        ctx.set_forkserver_preload(["torch._dynamo", "funchess.cli.bench"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -258,32 +222,11 @@ def run_job(ctx: Any, job: Job, time_limit: float, setup_limit: float = 120.0) -
 # ----------------------------------------------------------------------------- planning
 
 
-@dataclass
-class ProblemInfo:
-    """Sizes and arithmetic of a problem, measured once in the parent process."""
-
-    name: str
-    family: str
-    description: str
-    n: int
-    batch: int
-    activations: int
-    hvp_flops: float  # matmul/conv FLOPs of one double-backward HVP (torch.utils.flop_counter)
-
-    def sizes(self, dtype: str) -> Sizes:
-        return Sizes(self.n, _DTYPES[dtype].itemsize, self.batch, self.activations)
-
-    @property
-    def hessian_flops(self) -> float:
-        """The full Hessian's arithmetic: N Hessian-vector products."""
-        return self.n * self.hvp_flops
-
-
 def problem_info(name: str) -> ProblemInfo:
     """N, batch, activation entries of one forward, and the FLOPs of one HVP (float32, CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .testing import reference_hvp
+    from funchess.testing import reference_hvp
 
     problem = make_problem(name)
     count = [problem.inputs.numel()]
@@ -399,10 +342,6 @@ def _installed(method: Method) -> bool:
 
 def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callable[[str], None] = print) -> list[Result]:
     """Plan, skip what cannot fit, run the rest one process at a time."""
-    from tqdm.auto import tqdm
-
-    from ._bench_report import status_text
-
     triples = plan(settings)
     work: list[tuple[Method, str, str, str]] = [
         (m, section, prob, dt)
@@ -414,50 +353,45 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
     results: list[Result] = []
     # (section, family, dtype, method) -> (seconds per parameter, problem, its N, timed out)
     seen: dict[tuple[str, str, str, str], tuple[float, str, int, bool]] = {}
-    bar = tqdm(work, disable=not settings.progress, unit="method", leave=False)
-    for method, section, prob, dt in bar:
-        info = infos[prob]
-        bar.set_description(f"{section} {prob} {dt}: {method.name}"[:70])
-        res = Result(section, prob, dt, method.name, settings.device, "skipped", n=info.n, tolerance=TOLERANCE[dt])
-        # a lower bound on the time from a smaller problem: N rows, each no cheaper than before
-        cost = 0.0 if section == "hvp" else float(info.n)
-        key = (section, info.family, dt, method.name)
-        prior = seen.get(key) if key in seen and seen[key][2] <= info.n else None  # a smaller problem
-        estimate = method.memory(info.sizes(dt))
-        res.estimate = estimate
-        core_only = section == "hessian" and prob in CORE_ONLY
-        limit = settings.time_limit * (3 if core_only else 1)  # the few methods on the largest get longer
-        if not _installed(method):
-            res.status, res.message = "not installed", f"needs {', '.join(method.requires)}: {BENCH_EXTRA}"
-        elif not method.applies(_built(prob)):
-            res.message = "not supported by this method"
-        elif core_only and not method.core:
-            res.message = "largest problem: only the core methods run"
-        elif estimate > settings.max_memory:
-            res.message = f"needs ~{fmt_bytes(estimate)}, over the {fmt_bytes(settings.max_memory)} limit (--max-memory)"
-        elif prior is not None and prior[3]:
-            res.message = f"timed out on the smaller {prior[1]}"
-        elif prior is not None and not method.partial and prior[0] * cost > limit:
-            res.message = (f"at least ~{fmt_seconds(prior[0] * cost)} (its time on {prior[1]} x the "
-                           f"ratio of parameter counts), over the {limit:.0f} s limit (--time-limit)")
-        else:
-            job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
-                      min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
-                      row_budget=settings.row_budget, flop_budget=_flop_budget(method, settings.quick),
-                      threads=settings.threads)
-            res = run_job(ctx, job, limit)
-            res.n, res.estimate = res.n or info.n, estimate
-            if res.has_time and res.time is not None and cost:
-                seen[key] = (res.time / cost, prob, info.n, False)
-            elif res.status == "timeout":
-                seen[key] = (math.inf, prob, info.n, True)
-        results.append(res)
-        line = f"{section:10s} {prob:20s} {dt:7s} {method.name:42s} {status_text(res, short=True)}"
-        if settings.progress:
-            bar.write(line)
-        else:
-            print_fn(line)
-    bar.close()
+    with Bar(work, desc="bench", unit="method", enabled=settings.progress, leave=False, print_fn=print_fn) as bar:
+        for method, section, prob, dt in bar:
+            info = infos[prob]
+            bar.describe(f"{section} {prob} {dt}: {method.name}"[:70])
+            res = Result(section, prob, dt, method.name, settings.device, "skipped", n=info.n, tolerance=TOLERANCE[dt])
+            # a lower bound on the time from a smaller problem: N rows, each no cheaper than before
+            cost = 0.0 if section == "hvp" else float(info.n)
+            key = (section, info.family, dt, method.name)
+            prior = seen.get(key) if key in seen and seen[key][2] <= info.n else None  # a smaller problem
+            estimate = method.memory(info.sizes(dt))
+            res.estimate = estimate
+            core_only = section == "hessian" and prob in CORE_ONLY
+            limit = settings.time_limit * (3 if core_only else 1)  # the few methods on the largest get longer
+            if not _installed(method):
+                res.status, res.message = "not installed", f"needs {', '.join(method.requires)}: {BENCH_EXTRA}"
+            elif not method.applies(_built(prob)):
+                res.message = "not supported by this method"
+            elif core_only and not method.core:
+                res.message = "largest problem: only the core methods run"
+            elif estimate > settings.max_memory:
+                res.message = f"needs ~{fmt_bytes(estimate)}, over the {fmt_bytes(settings.max_memory)} limit (--max-memory)"
+            elif prior is not None and prior[3]:
+                res.message = f"timed out on the smaller {prior[1]}"
+            elif prior is not None and not method.partial and prior[0] * cost > limit:
+                res.message = (f"at least ~{fmt_seconds(prior[0] * cost)} (its time on {prior[1]} x the "
+                               f"ratio of parameter counts), over the {limit:.0f} s limit (--time-limit)")
+            else:
+                job = Job(section, prob, dt, method.name, settings.device, min_time=settings.min_time,
+                          min_reps=settings.min_reps, long_run=max(2.0, settings.time_limit / 20),
+                          row_budget=settings.row_budget, flop_budget=_flop_budget(method, settings.quick),
+                          threads=settings.threads)
+                res = run_job(ctx, job, limit)
+                res.n, res.estimate = res.n or info.n, estimate
+                if res.has_time and res.time is not None and cost:
+                    seen[key] = (res.time / cost, prob, info.n, False)
+                elif res.status == "timeout":
+                    seen[key] = (math.inf, prob, info.n, True)
+            results.append(res)
+            bar.write(f"{section:10s} {prob:20s} {dt:7s} {method.name:42s} {status_text(res, short=True)}")
     return results
 
 
@@ -465,19 +399,17 @@ def run_jobs(settings: Settings, infos: dict[str, ProblemInfo], print_fn: Callab
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from ._errors import InvalidArgumentError
-
     def split(value: str | None) -> tuple[str, ...] | None:
         return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
     dtypes = split(args.dtype) or ("float32", "float64")
     sections = split(args.sections) or SECTIONS
     problems = split(args.problems)
-    for what, given, known in (("--dtype", dtypes, tuple(_DTYPES)), ("--sections", sections, SECTIONS),
+    for what, given, known in (("--dtype", dtypes, tuple(DTYPES)), ("--sections", sections, SECTIONS),
                                ("--problems", problems or (), tuple(PROBLEMS))):
         bad = [g for g in given if g not in known]
         if bad:
-            raise InvalidArgumentError(
+            raise funchess.InvalidArgumentError(
                 f"funchess bench {what} {','.join(given)}: expected a comma-separated list of "
                 f"{', '.join(known)}; got {', '.join(map(repr, bad))}. See `python -m funchess bench --list`."
             )
@@ -501,7 +433,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def _list(print_fn: Callable[[str], None]) -> None:
+def list_all(print_fn: Callable[[str], None] = print) -> None:
+    """Print the registered problems and each section's methods (`bench --list`)."""
     print_fn("problems:")
     for name, make in PROBLEMS.items():
         p = make()
@@ -514,14 +447,8 @@ def _list(print_fn: Callable[[str], None]) -> None:
                 print_fn(f"  {m.name}{extra}")
 
 
-def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> int:
-    """Run the benchmark for parsed command-line `args`; 1 if a funchess method was wrong or failed."""
-    if args.list:
-        _list(print_fn)
-        return 0
-    from ._bench_report import markdown, plot
-
-    settings = settings_from(args)
+def main(settings: Settings, print_fn: Callable[[str], None] = print) -> int:
+    """Run the benchmark with `settings` (see `settings_from`); 1 if a funchess method was wrong or failed."""
     triples = plan(settings)
     names = sorted({p for _, p, _ in triples}, key=list(PROBLEMS).index)
     print_fn(f"funchess bench ({'quick' if settings.quick else 'full'}): {len(triples)} tables on {settings.device}; "
@@ -536,11 +463,11 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
         "device": settings.device,
         "machine": machine(settings.device),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-        "matmul_gflops": {dt: matmul_gflops(_DTYPES[dt], settings.device) for dt in settings.dtypes},
+        "matmul_gflops": {dt: matmul_gflops(DTYPES[dt], settings.device) for dt in settings.dtypes},
     }
     results = run_jobs(settings, infos, print_fn)
     for dt in settings.dtypes:  # measured again at the end; the faster is the machine's limit
-        meta["matmul_gflops"][dt] = max(meta["matmul_gflops"][dt], matmul_gflops(_DTYPES[dt], settings.device))
+        meta["matmul_gflops"][dt] = max(meta["matmul_gflops"][dt], matmul_gflops(DTYPES[dt], settings.device))
     meta["seconds"] = time.perf_counter() - started
     settings.out.mkdir(parents=True, exist_ok=True)
     md = markdown(results, infos, meta)

@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._functional import ModuleFunction, functional
+import funchess
 
-__all__ = ["Problem", "PROBLEMS", "DEMOS", "make_problem", "mlp", "cnn", "transformer"]
+__all__ = ["Problem", "PROBLEMS", "DEMOS", "DTYPES", "make_problem", "mlp", "cnn", "transformer"]
+
+#: The floating-point types the command line accepts, by name.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -45,9 +48,9 @@ class Problem:
     targets: Tensor
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def function(self) -> tuple[ModuleFunction, dict[str, Tensor]]:
+    def function(self) -> tuple[funchess.ModuleFunction, dict[str, Tensor]]:
         """`funchess.functional(model, loss_fn)`: the pure loss and its parameter dict."""
-        return functional(self.model, self.loss_fn)
+        return funchess.functional(self.model, self.loss_fn)
 
     @property
     def num_params(self) -> int:

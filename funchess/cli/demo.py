@@ -1,8 +1,8 @@
 """`python -m funchess demo`: train a built-in model on synthetic data, take its full Hessian, and
 summarise it in text and pictures.
 
-The steps are plain functions (`train`, `hessian_spectrum`, `block_table`, `plot_hessian`,
-`plot_spectrum`) so the tests and later tools can reuse them; `run` strings them together.
+The steps are plain functions (`train`, `hessian_spectrum`, `block_table`, and the pictures of
+`funchess.cli.pictures`) so the tests and later tools can reuse them; `run` strings them together.
 """
 
 from __future__ import annotations
@@ -18,19 +18,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._hessian import hessian, plan_hessian
-from ._measure import PeakMemory, Stopwatch, fmt_bytes, fmt_seconds
-from ._models import DEMOS, Problem
-from ._operator import HessianOperator
-from ._spectral import EigenResult, SpectralDensity, TraceEstimate, eigsh, hutchpp_trace, spectral_density
-from ._tree import offsets, to_matrix
+import funchess
+from funchess import (
+    EigenResult,
+    HessianOperator,
+    SpectralDensity,
+    TraceEstimate,
+    hessian,
+    plan_hessian,
+    to_matrix,
+)
 
-#: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture).
+from .measure import PeakMemory, Stopwatch, fmt_bytes, fmt_seconds
+from .models import DEMOS, Problem
+from .pictures import plot_hessian, plot_spectrum
+from .progress import Bar
+
+#: Eigenvalues with |λ| below this fraction of max |λ| count as numerically zero (summary and picture;
+#: more in float32, see `hessian_spectrum`).
 NEAR_ZERO = 1e-7
 
 __all__ = [
     "DemoOptions", "run", "train", "hessian_spectrum", "Spectrum", "matrix_free", "MatrixFree", "block_table",
-    "plot_hessian", "plot_spectrum",
 ]
 
 
@@ -44,6 +53,7 @@ class DemoOptions:
     seed: int = 0
     steps: int = 400
     out: Path = Path("funchess-demo")
+    format: str = "png"  # of the pictures: png, pdf or svg
     progress: bool = True
 
 
@@ -56,18 +66,16 @@ def train(problem: Problem, steps: int, *, lr: float = 0.02, progress: bool = Tr
     Returns the loss before each step and after the last one. The model is trained in place; this is
     the one place the demo changes a model (funchess itself never does).
     """
-    from tqdm.auto import tqdm
-
     opt = torch.optim.Adam(problem.model.parameters(), lr=lr)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=f"training {problem.name}", unit="step", disable=not progress, leave=True)
-    for _ in bar:
-        opt.zero_grad(set_to_none=True)
-        loss = problem.loss_fn(problem.model(problem.inputs), problem.targets)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    with Bar(range(steps), desc=f"training {problem.name}", unit="step", enabled=progress) as bar:
+        for _ in bar:
+            opt.zero_grad(set_to_none=True)
+            loss = problem.loss_fn(problem.model(problem.inputs), problem.targets)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.note(f"loss {losses[-1]:.4f}")
     with torch.no_grad():
         losses.append(problem.loss_fn(problem.model(problem.inputs), problem.targets).item())
     problem.model.zero_grad(set_to_none=True)
@@ -92,10 +100,12 @@ class Spectrum:
     Attributes:
         eigenvalues: all eigenvalues, ascending, float64 on the CPU.
         method: what computed them (shown in the summary and the plot).
+        relative_tolerance: |λ| below this fraction of the largest |λ| is numerically zero.
     """
 
     eigenvalues: Tensor
     method: str
+    relative_tolerance: float = NEAR_ZERO
 
     @property
     def largest(self) -> float:
@@ -106,11 +116,31 @@ class Spectrum:
         return float(self.eigenvalues[0])
 
     @property
-    def condition(self) -> float:
-        """`max |λ| / min |λ|` (infinite when an eigenvalue is exactly zero)."""
+    def tolerance(self) -> float:
+        """|λ| below this is numerically zero: `relative_tolerance` times the largest |λ|."""
+        return self.relative_tolerance * float(self.eigenvalues.abs().max())
+
+    @property
+    def near_zero(self) -> int:
+        """How many eigenvalues are numerically zero."""
+        return int((self.eigenvalues.abs() < self.tolerance).sum())
+
+    @property
+    def nonzero_ratio(self) -> float:
+        """The ratio of the extreme nonzero |eigenvalues|: `max |λ| / min |λ|` over `|λ| >= tolerance`.
+
+        This equals the condition number when no eigenvalue is numerically zero; with some, the
+        condition number is infinite (or, in floating point, a meaningless 1e16-1e20) and this is
+        the spread of the rest. NaN when every eigenvalue is zero.
+        """
         mags = self.eigenvalues.abs()
-        low = float(mags.min())
-        return math.inf if low == 0 else float(mags.max()) / low
+        kept = mags[mags >= self.tolerance]
+        return float(kept.max() / kept.min()) if kept.numel() and float(kept.min()) > 0 else math.nan
+
+    @property
+    def condition(self) -> float | None:
+        """`max |λ| / min |λ|` when no eigenvalue is numerically zero, else None (not meaningful)."""
+        return None if self.near_zero else self.nonzero_ratio
 
 
 def hessian_spectrum(matrix: Tensor) -> Spectrum:
@@ -122,7 +152,10 @@ def hessian_spectrum(matrix: Tensor) -> Spectrum:
     """
     sym = matrix.detach().to(torch.float64)
     sym = (sym + sym.T) / 2  # exact for funchess Hessians up to rounding; eigvalsh reads one triangle
-    return Spectrum(torch.linalg.eigvalsh(sym).cpu(), "dense eigvalsh (torch.linalg.eigvalsh)")
+    # entries rounded at eps move eigenvalues by about sqrt(N) eps max |λ| (a random-error bound,
+    # far below the worst-case N eps of numerical rank): in float32 that is well above NEAR_ZERO
+    resolution = max(NEAR_ZERO, math.sqrt(matrix.shape[0]) * torch.finfo(matrix.dtype).eps)
+    return Spectrum(torch.linalg.eigvalsh(sym).cpu(), "dense eigvalsh (torch.linalg.eigvalsh)", resolution)
 
 
 @dataclass
@@ -135,15 +168,15 @@ class MatrixFree:
 
 
 def matrix_free(f: Callable[..., Tensor], params: dict[str, Tensor], x: Tensor, y: Tensor, seed: int) -> MatrixFree:
-    """The largest eigenvalue (`funchess.eigsh`, Lanczos), the trace (`funchess.hutchpp_trace`) and
+    """The largest eigenvalue (`funchess.eigsh`, Lanczos), the trace (`funchess.trace_estimate`) and
     the spectral density (`funchess.spectral_density`, stochastic Lanczos quadrature) of the
     Hessian, through `funchess.HessianOperator` (no `N x N` matrix)."""
     op = HessianOperator(f, params, x, y)
     gen = torch.Generator().manual_seed(seed)
     return MatrixFree(
-        top=eigsh(op, k=1, which="LA", generator=gen),
-        trace=hutchpp_trace(op, num_hvps=60, generator=gen),
-        density=spectral_density(op, num_probes=4, num_steps=30, generator=gen),
+        top=funchess.eigsh(op, k=1, which="LA", generator=gen),
+        trace=funchess.trace_estimate(op, num_hvps=60, generator=gen),
+        density=funchess.spectral_density(op, num_probes=4, num_steps=30, generator=gen),
     )
 
 
@@ -187,190 +220,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
         return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_hessian(matrix: Tensor, names: Sequence[str], sizes: Sequence[int], path: Path, title: str) -> Path:
-    """Heatmap of `log10 |H_ij|` with the parameter blocks outlined and labelled, next to the
-    matrix of per-block Frobenius norms."""
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm
-
-    M = matrix.detach().double().abs().cpu()
-    top = float(M.max()) or 1.0
-    floor = top * 1e-8
-    off = offsets([torch.Size([s]) for s in sizes])
-    n = len(names)
-    norms = torch.tensor(
-        [[float(M[off[i] : off[i + 1], off[j] : off[j + 1]].norm()) for j in range(n)] for i in range(n)]
-    )
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 7.2), gridspec_kw={"width_ratios": [1.25, 1], "wspace": 0.45})
-    im = ax.imshow(
-        M.clamp_min(floor).numpy(), norm=LogNorm(vmin=floor, vmax=top), cmap="magma", interpolation="nearest"
-    )
-    N = off[-1]
-    for o in off[1:-1]:
-        ax.axhline(o - 0.5, color="#3fc1ff", lw=0.8)
-        ax.axvline(o - 0.5, color="#3fc1ff", lw=0.8)
-    centres = [(off[i] + off[i + 1] - 1) / 2 for i in range(n)]
-    ax.set_xticks([])
-    ax.set_yticks([])
-    _block_labels(ax, names, centres, N)
-    ax.set_title(f"|H_ij|, {N} x {N} (log scale)")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="|H_ij|")
-
-    shown = norms.clamp_min(float(norms.max()) * 1e-8 or 1e-300)
-    im2 = bx.imshow(shown.numpy(), norm=LogNorm(), cmap="magma")
-    bx.set_xticks(range(n))
-    bx.set_yticks(range(n))
-    bx.set_xticklabels(names, rotation=90, fontsize=8)
-    bx.set_yticklabels(names, fontsize=8)
-    mid = math.sqrt(float(shown.max()) * float(shown.min()))
-    for i in range(n if n <= 8 else 0):  # numbers only where they fit
-        for j in range(n):
-            bx.text(j, i, f"{float(norms[i, j]):.1e}", ha="center", va="center", fontsize=8,
-                    color="black" if float(shown[i, j]) > mid else "white")
-    bx.set_title("Frobenius norm of each block ||H[a][b]||")
-    fig.colorbar(im2, ax=bx, fraction=0.046, pad=0.02)
-    fig.suptitle(title)
-    _save(fig, path)
-    plt.close(fig)
-    return path
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Write a figure cropped to its contents (no `tight_layout`: it lays the text out twice more)."""
-    fig.savefig(path, dpi=110, bbox_inches="tight", pil_kwargs={"compress_level": 3})
-
-
-def _spread(centres: Sequence[float], gap: float, lo: float, hi: float) -> list[float]:
-    """Label positions near `centres` (ascending), inside [lo, hi], at least `gap` apart (or as far
-    apart as fits): pushed up past their neighbours, then pulled back from the top if they overflow."""
-    n = len(centres)
-    if n == 0:
-        return []
-    gap = min(gap, (hi - lo) / max(n - 1, 1))
-    pos = [min(max(c, lo), hi) for c in centres]
-    for i in range(1, n):
-        pos[i] = max(pos[i], pos[i - 1] + gap)
-    if pos[-1] > hi:
-        pos[-1] = hi
-        for i in range(n - 2, -1, -1):
-            pos[i] = min(pos[i], pos[i + 1] - gap)
-    return pos
-
-
-def _block_labels(ax: Any, names: Sequence[str], centres: Sequence[float], N: int) -> None:
-    """Parameter names beside the left and below the bottom edge of a matrix image, pushed apart
-    where blocks are thin and joined to their block by a short leader line."""
-    gap = N / 34
-    where = _spread(centres, gap, -0.5, N - 0.5)
-    style = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "#555555"}, "fontsize": 8,
-             "annotation_clip": False}
-    for name, c, p in zip(names, centres, where, strict=True):
-        ax.annotate(name, xy=(-0.5, c), xycoords="data", xytext=(-0.04, p), textcoords=("axes fraction", "data"),
-                    ha="right", va="center", **style)
-        ax.annotate(name, xy=(c, N - 0.5), xycoords="data", xytext=(p, -0.04),
-                    textcoords=("data", "axes fraction"), ha="center", va="top", rotation=90, **style)
-
-
-def _symlog_ticks(lo: float, hi: float, lin: float) -> list[float]:
-    """At most ~12 decade ticks over [lo, hi] on a symlog axis (every k-th decade)."""
-    top = math.floor(math.log10(max(hi, -lo, lin)))
-    bottom = math.ceil(math.log10(lin))
-    decades = list(range(bottom, top + 1))
-    pos = [d for d in decades if 10.0**d <= hi]
-    neg = [d for d in decades if lo <= -(10.0**d)]
-    step = max(1, math.ceil((len(pos) + len(neg)) / 9))
-    keep = [d for d in decades if (top - d) % step == 0]
-    return [-(10.0**d) for d in reversed(keep) if d in neg] + [0.0] + [10.0**d for d in keep if d in pos]
-
-
-def plot_spectrum(spectrum: Spectrum, path: Path, title: str, slq: SpectralDensity | None = None) -> Path:
-    """Sorted eigenvalues and a histogram of their density, both on a symmetric log scale, and
-    (with `slq`) the matrix-free SLQ density against the exact eigenvalues on a linear axis.
-
-    Eigenvalues with `|λ| < NEAR_ZERO max |λ|` (numerically zero; the printed summary counts the
-    same band) are drawn grey and share one bin."""
-    plt = _pyplot()
-    import numpy as np
-    from matplotlib.patches import Patch
-
-    ev = spectrum.eigenvalues.numpy()
-    top = float(np.abs(ev).max()) or 1.0
-    lin = top * NEAR_ZERO
-    red, blue, grey = "#d62728", "#1f77b4", "#9a9a9a"
-
-    def colour(v: float) -> str:
-        return grey if abs(v) < lin else (red if v < 0 else blue)
-
-    fig, axes = plt.subplots(1, 3 if slq is not None else 2, figsize=(20 if slq is not None else 14, 5.2),
-                             gridspec_kw={"wspace": 0.25})
-    ax, bx = axes[0], axes[1]
-    idx = np.arange(1, ev.size + 1)
-    ax.scatter(idx, ev, s=6, c=[colour(v) for v in ev], lw=0)
-    ax.set_yscale("symlog", linthresh=lin)
-    ax.set_yticks(_symlog_ticks(float(ev[0]), float(ev[-1]), lin))
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("index (ascending)")
-    ax.set_ylabel("eigenvalue λ (symlog)")
-    ax.set_title(f"{ev.size} eigenvalues: λmin = {ev[0]:.3g}, λmax = {ev[-1]:.3g}")
-    ax.grid(alpha=0.3)
-
-    pos = np.geomspace(lin, top * 1.001, 29)
-    low = float(-ev[0])
-    neg = -pos[::-1][pos[::-1] <= low * 1.5] if low > lin else np.array([])
-    edges = np.concatenate([neg, [-lin, lin], pos[1:]])
-    counts, edges = np.histogram(ev, bins=edges)
-    centres = (edges[:-1] + edges[1:]) / 2
-    bx.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=[colour(c) for c in centres],
-           edgecolor="white", lw=0.4)
-    bx.set_xscale("symlog", linthresh=lin)
-    bx.set_yscale("log")
-    bx.set_xticks(_symlog_ticks(float(edges[0]), float(edges[-1]), lin))
-    bx.tick_params(axis="x", labelsize=8)
-    bx.set_xlabel("eigenvalue λ (symlog)")
-    bx.set_ylabel("count")
-    n_neg, n_zero = int((ev <= -lin).sum()), int((np.abs(ev) < lin).sum())
-    bx.legend(
-        handles=[Patch(color=red, label=f"negative ({n_neg})"), Patch(color=grey, label=f"|λ| < {lin:.1e} ({n_zero})"),
-                 Patch(color=blue, label=f"positive ({ev.size - n_neg - n_zero})")],
-        loc="upper left", fontsize=8, framealpha=0.9,
-    )
-    bx.set_title(f"spectral density ({spectrum.method.split(' (')[0]})")
-    bx.grid(alpha=0.3, which="both")
-    if slq is not None:
-        cx = axes[2]
-        grid, dens = slq.grid.double().cpu().numpy(), slq.density.double().cpu().numpy()
-        edges = np.linspace(min(float(ev[0]), float(grid[0])), max(float(ev[-1]), float(grid[-1])), 60)
-        heights, _, _ = cx.hist(ev, bins=edges, density=True, color=blue, alpha=0.45,
-                                label=f"exact: {ev.size} eigenvalues")
-        cx.plot(grid, dens, color="black", lw=1.4,
-                label=f"SLQ: funchess.spectral_density, {slq.num_hvps} HVPs (σ = {slq.sigma:.2g})")
-        cx.set_yscale("log")
-        floor = max(float(dens.max()) * 1e-5, 1e-12)
-        cx.set_ylim(floor, 5 * max(float(dens.max()), float(np.max(heights))))
-        cx.set_xlabel("eigenvalue λ (linear)")
-        cx.set_ylabel("density")
-        cx.set_title("matrix-free estimate vs exact")
-        cx.legend(fontsize=8, loc="upper right")
-        cx.grid(alpha=0.3)
-    fig.suptitle(title)
-    _save(fig, path)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -422,12 +271,15 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
     N = problem.num_params
     planned = N * N * M.element_size()
     names = [b.name for b in blocks]
-    title = f"funchess demo: Hessian of the training loss, {problem.description} ({N} parameters)"
+    title = f"Hessian of the training loss: {problem.description}, N = {N:,}"
     opts.out.mkdir(parents=True, exist_ok=True)
+    shapes = [b.shape for b in blocks]
     heat = clock.time(
-        "pictures", lambda: plot_hessian(M, names, [b.size for b in blocks], opts.out / "hessian.png", title), device
+        "pictures", lambda: plot_hessian(M, names, shapes, opts.out / f"hessian.{opts.format}", title), device
     )
-    spec = clock.time("pictures", lambda: plot_spectrum(spectrum, opts.out / "spectrum.png", title, free.density), device)
+    spec = clock.time("pictures", lambda: plot_spectrum(
+        spectrum.eigenvalues, spectrum.tolerance, opts.out / f"spectrum.{opts.format}", title, spectrum.method,
+        free.density), device)
 
     first = f"{losses[0]:.4g}"
     print_fn(f"\ntrained {opts.steps} full-batch Adam steps: loss {first} -> {losses[-1]:.6g}"
@@ -440,9 +292,14 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         + [["total", "", f"{N:,}", "", f"{float(M.double().norm()):.4e}", f"{trace:.4e}"]],
         [False, False, True, True, True, True],
     ))
-    tol = NEAR_ZERO * float(spectrum.eigenvalues.abs().max())  # the picture's grey band too
+    tol = spectrum.tolerance  # the picture's grey band too
     neg = int((spectrum.eigenvalues <= -tol).sum())
-    near_zero = int((spectrum.eigenvalues.abs() < tol).sum())
+    near_zero = spectrum.near_zero
+    if spectrum.condition is not None:
+        spread = ("condition number", f"{spectrum.condition:.4g}   (max |λ| / min |λ|)")
+    else:  # numerically singular: max / min would be rounding noise over the largest
+        spread = ("extreme nonzero |λ| ratio", f"{spectrum.nonzero_ratio:.4g}   (max |λ| / min |λ| over the "
+                  f"{len(spectrum.eigenvalues) - near_zero} eigenvalues outside the near-zero band)")
     print_fn("\nHessian of the training loss")
     summary_rows = [
         ("loss", f"{losses[-1]:.8g}"),
@@ -450,8 +307,9 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         ("trace", f"{trace:.8g}"),
         ("largest eigenvalue", f"{spectrum.largest:.8g}"),
         ("smallest eigenvalue", f"{spectrum.smallest:.8g}"),
-        ("condition number", f"{spectrum.condition:.4g}   (max |λ| / min |λ|)"),
-        ("near-zero eigenvalues", f"{near_zero} with |λ| < {NEAR_ZERO:.0e} max |λ|"),
+        ("near-zero eigenvalues", f"{near_zero} with |λ| < {spectrum.relative_tolerance:.1g} max |λ|"
+         + ("; numerically singular, so no condition number" if near_zero else "")),
+        spread,
         ("negative eigenvalues", f"{neg} of {N} (below the near-zero band)"),
         ("symmetry", f"max |H - Hᵀ| / max |H| = {symmetry:.1e}"),
         ("eigenvalues from", spectrum.method),
@@ -464,8 +322,8 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         ("largest eigenvalue", f"{float(free.top.eigenvalues[-1]):.8g}",
          f"funchess.eigsh (Lanczos), {free.top.num_hvps} HVPs"),
         ("trace", f"{float(free.trace.value):.6g} ± {float(free.trace.std_error):.2g}",
-         f"funchess.hutchpp_trace, {free.trace.num_hvps} HVPs"),
-        ("spectral density", "in spectrum.png",
+         f"funchess.trace_estimate (Hutch++), {free.trace.num_hvps} HVPs"),
+        ("spectral density", f"in {spec.name}",
          f"funchess.spectral_density (SLQ), {free.density.num_hvps} HVPs"),
     ]
     for k, v, how in free_rows:
@@ -494,7 +352,8 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         "trace": trace,
         "largest_eigenvalue": spectrum.largest,
         "smallest_eigenvalue": spectrum.smallest,
-        "condition_number": spectrum.condition,
+        "condition_number": spectrum.condition,  # None (null) when numerically singular
+        "nonzero_eigenvalue_ratio": spectrum.nonzero_ratio,
         "negative_eigenvalues": neg,
         "near_zero_eigenvalues": near_zero,
         "eigenvalue_method": spectrum.method,
@@ -504,8 +363,8 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
         "planned_peak_bytes": plan.peak_bytes,
         "peak_memory_bytes": mem.peak,
         "eigsh_largest_eigenvalue": float(free.top.eigenvalues[-1]),
-        "hutchpp_trace": float(free.trace.value),
-        "hutchpp_trace_std_error": float(free.trace.std_error),
+        "trace_estimate": float(free.trace.value),
+        "trace_estimate_std_error": float(free.trace.std_error),
         "peak_memory_kind": mem.what,
     }
     files = {"hessian": heat, "spectrum": spec}
@@ -523,8 +382,8 @@ def run(opts: DemoOptions, print_fn: Callable[[str], None] = print) -> dict[str,
 
 def _describe(kind: str) -> str:
     return {
-        "hessian": "heatmap of log |H| with the parameter blocks, and the block norms",
-        "spectrum": "eigenvalues and their density",
+        "hessian": "block norms ||H_ab||_F of every parameter pair, and one block entry by entry",
+        "spectrum": "eigenvalues, their density, and the matrix-free density against it",
         "summary": "the numbers above, as JSON",
         "model": "trained weights and data (torch.load) to reproduce the Hessian",
     }[kind]

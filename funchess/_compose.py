@@ -1,0 +1,267 @@
+"""The pieces every transform is composed of: the gradient as a function, running a composition
+(with "auto"'s fallback, decided per call), translating torch's errors, and the random number
+generator's guard and replay.
+
+- `gradient(h, ...)`: the gradient of a scalar function as a function (`torch.func.vjp` of it),
+  optionally under a size-one `vmap` for forward mode (see its docstring).
+- `run_modes(call, mode, runners)`: run "rev-rev" or "fwd-rev"; under "auto" the first that works.
+  Nothing is remembered between calls (as no torch.func transform keeps state).
+- `RandomState`: one snapshot of the CPU (and CUDA) generators; `guard` refuses a function that
+  drew random numbers (randomness="error"), `replay` restores the snapshot before each pass so
+  every pass of one call sees the same draws (randomness="same"/"different").
+- `differentiable()`: grad mode on and inference mode off while funchess differentiates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ._checks import scalar_output
+from ._compat import vjp
+from ._errors import UnsupportedError
+from ._functional import ModuleFunction
+from ._safe_ops import safe_ops
+from ._tree import tree_map
+
+PyTree = Any
+FALLBACK_ORDER: tuple[str, ...] = ("rev-rev", "fwd-rev")
+
+# Messages torch raises when an operator has no rule for the derivative a composition needs.
+_MISSING_RULE = re.compile(
+    r"derivative for .* is not implemented|Trying to use forward AD with|"
+    r"not implemented for forward AD|does not support forward AD|"
+    r"does not have a (?:double backward|derivative)|No forward AD formula|"
+    r"Batching rule not implemented|doesn't support double backward|"
+    r"does not support double backward",
+    re.IGNORECASE,
+)
+_RANDOM = re.compile(r"random operation while in randomness error mode", re.IGNORECASE)
+_CAPTURED = re.compile(r"would mutate a captured Tensor", re.IGNORECASE)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def with_primals(
+    f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...]
+) -> Callable[..., Any]:
+    """`h(*primals)`: `f(*args, **kwargs)` with `args[nums[k]]` replaced by `primals[k]`."""
+
+    def h(*primals: Any) -> Any:
+        full = list(args)
+        for i, p in zip(nums, primals):
+            full[i] = p
+        return f(*full, **kwargs)
+
+    return h
+
+
+def gradient(
+    h: Callable[..., Any], call: str, has_aux: bool, single: bool, *, for_jvp: bool = False
+) -> Callable[..., Any]:
+    """The gradient of scalar `h` w.r.t. all its arguments, as a function (plus aux).
+
+    With `for_jvp`, the pullback runs under a `vmap` of size one: differentiating the plain
+    pullback in forward mode crashes for some losses ("ZeroTensors are immutable" in
+    `mse_loss_backward`, pytorch#123996; no forward rule for `huber_loss_backward`), while their
+    batched forms decompose into operators that have forward rules. This is what `jacrev` does too.
+    """
+    scalar = scalar_output(call, h, has_aux)
+
+    def g(*primals: Any) -> Any:
+        if has_aux:
+            value, pullback, aux = vjp(scalar, *primals, has_aux=True)
+        else:
+            (value, pullback), aux = vjp(scalar, *primals), None
+        if for_jvp:
+            grads = tree_map(lambda t: t[0], vmap(pullback)(torch.ones_like(value).unsqueeze(0)))
+        else:
+            grads = pullback(torch.ones_like(value))
+        grads = grads[0] if single else grads
+        return (grads, aux) if has_aux else grads
+
+    return g
+
+
+@contextlib.contextmanager
+def differentiable() -> Iterator[None]:
+    """Grad mode on and inference mode off: `torch.enable_grad()` alone does not leave
+    `torch.inference_mode()`, under which nothing can be differentiated."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def check_function(call: str, f: Any, *, per_sample: bool = False) -> None:
+    """What a call refuses about a model made by `funchess.functional`: batch statistics and
+    backward hooks (see `ModuleFunction.check`). Other functions are checked as they run."""
+    if isinstance(f, ModuleFunction):
+        f.check(call, per_sample=per_sample)
+
+
+def usable(tree: PyTree) -> PyTree:
+    """Inference tensors (made under `torch.inference_mode()`) cannot be saved for backward:
+    normal copies of them; every other leaf as it is."""
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, tree)
+
+
+# ----------------------------------------------------------------------------- running modes
+
+
+def _raised_by_torch(exc: BaseException) -> bool:
+    """Whether `exc` came out of torch (a derivative rule torch lacks) rather than the user's own
+    code: the innermost frame of its traceback is in torch's package."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_TORCH_DIR)
+
+
+def missing_rule(exc: BaseException) -> bool:
+    """A torch error saying an operator has no rule for the derivative a composition needs."""
+    return (
+        isinstance(exc, (RuntimeError, NotImplementedError))
+        and bool(_MISSING_RULE.search(str(exc)))
+        and _raised_by_torch(exc)
+    )
+
+
+def random_error(call: str, exc: BaseException, fix: str | None = None) -> UnsupportedError | None:
+    """An UnsupportedError for torch's vmap randomness error (or funchess's guard), else None."""
+    if isinstance(exc, (RuntimeError, NotImplementedError)) and _RANDOM.search(str(exc)):
+        return UnsupportedError(
+            f"{call}: f draws random numbers (e.g. dropout in train mode) with "
+            f"randomness='error'; expected a deterministic function. Call model.eval(), or pass "
+            + (fix or "randomness='same' (the random numbers are drawn once and every pass of the call replays them)")
+            + "."
+        )
+    return None
+
+
+def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None:
+    """A FunchessError for a torch error we understand, else None (re-raise as is)."""
+    translated = random_error(call, exc)
+    if translated is not None:
+        return translated
+    if isinstance(exc, RuntimeError) and _CAPTURED.search(str(exc)):
+        return UnsupportedError(
+            f"{call}: f writes in place into a Tensor it does not differentiate (an argument outside "
+            f"argnums, a buffer, or a tensor it closes over), which torch.func cannot do while it "
+            f"differentiates; expected f to leave such tensors unchanged. Copy the tensor first "
+            f"inside f (e.g. `y = y.clone()` before `y.copy_(x)`), or differentiate it too (argnums)."
+        )
+    if missing_rule(exc):
+        other = [m for m in FALLBACK_ORDER if m != mode]
+        fix = f"Try mode={other[0]!r} or mode='auto', or replace" if mode in FALLBACK_ORDER else "Replace"
+        return UnsupportedError(
+            f"{call}: an operator in f has no rule for mode {mode!r}: {str(exc).splitlines()[0]} "
+            f"{fix} the operator by differentiable torch operations."
+        )
+    return None
+
+
+def run_modes(
+    call: str,
+    mode: str,
+    runners: dict[str, Callable[[], Any]],
+    order: Sequence[str] = FALLBACK_ORDER,
+    safe: bool = True,
+) -> Any:
+    """Run `mode`, or under "auto" the first of `order` that works (decided afresh every call);
+    with `safe`, under funchess's operator rerouting, always with grad on."""
+    modes = tuple(order) if mode == "auto" else (mode,)
+    failures: list[str] = []
+    for m in modes:
+        try:
+            with differentiable(), safe_ops(safe):
+                return runners[m]()
+        except (RuntimeError, NotImplementedError) as exc:
+            if mode == "auto" and missing_rule(exc) and m != modes[-1]:
+                failures.append(f"{m}: {str(exc).splitlines()[0]}")
+                continue
+            translated = _translate(call, m, exc)
+            if translated is None:
+                raise
+            if failures and missing_rule(exc):
+                raise UnsupportedError(
+                    f"{call}: no composition can differentiate f twice; expected an operator "
+                    f"with a double-backward or forward-mode rule, got "
+                    f"{'; '.join(failures)}; {m}: {str(exc).splitlines()[0]} Replace the "
+                    f"operator by differentiable torch operations."
+                ) from exc
+            raise translated from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- random numbers
+
+
+class RandomState:
+    """The random number generators funchess watches: the CPU one, and the CUDA one of `device`.
+
+    `guard(call)` (randomness="error") raises if the block drew random numbers; `replay()`
+    (after `save()`) restores the saved state, so the next pass draws what the first one drew.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device if device.type == "cuda" else None
+        self.saved: list[Tensor] | None = None
+
+    def _state(self) -> list[Tensor]:
+        states = [torch.get_rng_state()]
+        if self.cuda is not None:
+            states.append(torch.cuda.get_rng_state(self.cuda))
+        return states
+
+    def _set(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(states[1], self.cuda)
+
+    def save(self) -> None:
+        self.saved = self._state()
+
+    def replay(self) -> None:
+        if self.saved is not None:
+            self._set(self.saved)
+
+    @contextlib.contextmanager
+    def guard(self, call: str, fix: str | None = None) -> Iterator[None]:
+        """Raise an UnsupportedError if the block advanced a generator (e.g. dropout in train
+        mode); the generators are put back as they were, so a refused call draws nothing (also
+        when an inner call refused first)."""
+        before = self._state()
+        try:
+            yield
+        except BaseException:
+            if any(not torch.equal(a, b) for a, b in zip(before, self._state())):
+                self._set(before)
+            raise
+        after = self._state()
+        if any(not torch.equal(a, b) for a, b in zip(before, after)):
+            self._set(before)
+            error = random_error(call, RuntimeError("random operation while in randomness error mode"), fix)
+            assert error is not None
+            raise error
+
+
+@contextlib.contextmanager
+def random_errors(call: str, fix: str | None = None) -> Iterator[None]:
+    """Re-raise torch's vmap randomness error as an UnsupportedError naming the fix."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        translated = random_error(call, exc, fix)
+        if translated is None:
+            raise
+        raise translated from exc

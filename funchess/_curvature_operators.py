@@ -1,0 +1,306 @@
+"""Curvature as matrix-free operators: the Hessian or GGN of one batch, or of a whole data set.
+
+Each is a `funchess.LinearOperator` (products with pytrees, flat vectors, `(N, k)` matrices and
+batches of pytrees; `as_matrix`, `to_scipy`), so every spectral tool (`eigsh`, `trace_estimate`,
+`diagonal_estimate`, `spectral_density`, `cg`, `diagonal`, `trace`) runs on every one of them.
+
+- `HessianOperator(f, params, *data)`: one `funchess.hvp` per vector, `vmap`ped over chunks.
+- `GGNOperator(f, params, inputs, targets)`: one `funchess.ggn_vp` per vector.
+- `DatasetOperator(f, params, data, curvature=...)`: the curvature of the loss over every batch
+  of `data` (a `DataLoader`, a list of `(inputs, targets)` batches); a batch of vectors loads each
+  group of batches once.
+
+Randomness follows one rule: `randomness="error"` (default) refuses a function that draws random
+numbers; `"same"` draws them once, when the operator is made, and replays that draw in every
+product, so the operator is one fixed linear map (as `eigsh` and `cg` need).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ._checks import (
+    ChunkSize,
+    Mode,
+    Reduction,
+    call_label,
+    check_callable,
+    check_chunk_size,
+    check_mode,
+    check_primals,
+    check_progress,
+    check_randomness,
+    check_reduction,
+)
+from ._compose import RandomState, check_function, usable
+from ._dataset import DATA_RANDOMNESS, DatasetProducts
+from ._errors import InvalidArgumentError
+from ._ggn import ggn_vp
+from ._hvp import hvp
+from ._memory import default_chunk
+from ._operator import FunctionOperator
+from ._tree import chunks, tree_flatten, unravel
+
+__all__ = ["HessianOperator", "GGNOperator", "DatasetOperator"]
+
+PyTree = Any
+_OPERATOR_RANDOMNESS: tuple[str, ...] = ("error", "same")
+
+
+def _refuse_loader(call: str, data: tuple[Any, ...]) -> None:
+    """A data loader where one batch is expected: point at `DatasetOperator`."""
+    for d in data:
+        if isinstance(d, DataLoader):
+            raise InvalidArgumentError(
+                f"{call}: expected one batch (e.g. inputs, targets), got a DataLoader. For the "
+                f"curvature of a whole data set use funchess.DatasetOperator(f, params, loader)."
+            )
+
+
+class _Replayed:
+    """A product function that restores the generators to their state at construction before each
+    call (randomness="same"), so every product sees the same random numbers."""
+
+    def __init__(self, fn: Callable[[PyTree], PyTree], device: torch.device) -> None:
+        self.fn, self.rng = fn, RandomState(device)
+        self.rng.save()
+
+    def __call__(self, v: PyTree) -> PyTree:
+        self.rng.replay()
+        return self.fn(v)
+
+
+class HessianOperator(FunctionOperator):
+    """The Hessian of `f(params, *data)` w.r.t. `params`, as a matrix-free operator.
+
+    Each product is one `funchess.hvp` (reverse-over-reverse by default: `vjp` of the gradient,
+    i.e. a double backward); batched products `vmap` it over chunks of `chunk_size` tangents, so
+    the forward and first backward run once per chunk. Nothing of size `N x N` is ever formed.
+    `f` is typically the function from `funchess.functional(model, loss_fn)`, and `data` one batch
+    `(inputs, targets)`; for a whole data set use `funchess.DatasetOperator`.
+
+    Args:
+        f: a function returning a scalar Tensor; the Hessian is taken w.r.t. its first argument.
+        params: the point, a pytree of floating Tensors (e.g. the params dict).
+        *data: the remaining arguments of `f` (e.g. `inputs, targets`), held fixed.
+        mode: `funchess.hvp`'s mode: "auto", "rev-rev" or "fwd-rev".
+        chunk_size: vectors per vectorised pass ("auto": bounded automatically).
+        randomness: "error" (default) refuses an `f` that draws random numbers; "same" draws them
+            once (when the operator is made) and replays them in every product.
+
+    Raises:
+        InvalidArgumentError: f is not callable, bad options, params empty or not floating
+            point, or a DataLoader given as data.
+
+    Example:
+        >>> import torch, funchess
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> H = funchess.HessianOperator(f, params, x, y)
+        >>> H.shape
+        (26, 26)
+        >>> v = {k: torch.randn_like(p) for k, p in params.items()}
+        >>> Hv = H @ v
+        >>> torch.allclose(funchess.ravel(Hv), H.as_matrix() @ funchess.ravel(v), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        params: PyTree,
+        *data: Any,
+        mode: Mode = "auto",
+        chunk_size: ChunkSize = "auto",
+        randomness: str = "error",
+    ) -> None:
+        call = call_label("HessianOperator", {"mode": mode, "chunk_size": chunk_size, "randomness": randomness},
+                          first="f, params, *data")
+        check_callable(call, f)
+        check_mode(call, mode)
+        check_chunk_size(call, chunk_size)
+        check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
+        check_primals(call, (params,), ["params"])
+        check_function(call, f)
+        _refuse_loader(call, data)
+        params, data = usable(params), usable(data)
+        self.f, self.params, self.data, self.mode, self.randomness = f, params, data, mode, randomness
+        product = hvp(f, mode=mode, randomness=randomness)
+
+        def mv(v: PyTree) -> PyTree:
+            return product(params, v, *data)
+
+        fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
+        super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The data the operator holds fixed (the name before funchess 0.2)."""
+        return self.data
+
+
+class GGNOperator(FunctionOperator):
+    """The generalised Gauss-Newton matrix `Jᵀ H_z J` of one batch, as a matrix-free operator.
+
+    Each product is one `funchess.ggn_vp` (one forward and two backward passes, no forward-mode
+    rules needed); batched products `vmap` it over chunks of `chunk_size` vectors. Positive
+    semi-definite for convex losses, so `funchess.cg` needs no damping beyond its null space.
+
+    Args:
+        f: `funchess.functional(model, loss_fn)`'s function, or a model-output function
+            `f(params, inputs)` with `loss_fn=`.
+        params: the point.
+        inputs, targets: one batch.
+        loss_fn: the loss of `(output, targets)` when `f` is a model-output function.
+        chunk_size: vectors per vectorised pass ("auto": bounded automatically).
+        randomness: as for `funchess.HessianOperator`.
+
+    Example:
+        >>> import torch, funchess
+        >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy)
+        >>> x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+        >>> G = funchess.GGNOperator(f, params, x, y)
+        >>> torch.allclose(G.as_matrix(), funchess.to_matrix(funchess.ggn(f)(params, x, y)), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        params: PyTree,
+        inputs: Any,
+        targets: Any = None,
+        *,
+        loss_fn: Callable[..., Tensor] | None = None,
+        chunk_size: ChunkSize = "auto",
+        randomness: Any = "error",
+    ) -> None:
+        call = call_label("GGNOperator", {"loss_fn": loss_fn, "chunk_size": chunk_size, "randomness": randomness},
+                          first="f, params, inputs, targets")
+        check_chunk_size(call, chunk_size)
+        check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
+        check_primals(call, (params,), ["params"])
+        _refuse_loader(call, (inputs, targets))
+        params, inputs, targets = usable(params), usable(inputs), usable(targets)
+        product = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
+        self.f, self.params, self.inputs, self.targets = f, params, inputs, targets
+
+        def mv(v: PyTree) -> PyTree:
+            return product(params, v, inputs, targets)
+
+        fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
+        super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
+
+
+class DatasetOperator(FunctionOperator):
+    """The Hessian or GGN of the loss over a whole data set, as a matrix-free operator.
+
+    `DatasetOperator(f, params, data)` is the operator of `funchess.dataset_hessian(f)(params,
+    data)` (or of `dataset_ggn` with `curvature="ggn"`), with the same weighting (`reduction`, the
+    loss's normaliser); `data` is a `DataLoader` or any re-iterable of `(inputs, targets)` batches
+    (a list; not a one-shot generator, since every product iterates it). One product with a batch
+    of `k` vectors (what the spectral tools ask for) iterates the data once, every group of
+    batches taking all `k` vectors in one `vmap`.
+
+    Args:
+        f: the batch loss `f(params, inputs, targets)` (a model-output function with `loss_fn=`
+            for `curvature="ggn"`).
+        params: the point.
+        data: the batches.
+        curvature: "hessian" (default) or "ggn".
+        loss_fn: the loss of `(output, targets)` for `curvature="ggn"` with a model-output `f`.
+        reduction: "mean" (default) or "sum": how f reduces over a batch.
+        mode: `funchess.hvp`'s mode (Hessian products).
+        chunk_size: vectors per pass over the data ("auto": bounded automatically).
+        progress: a bar over the batches of each pass (True, None for terminals only, False).
+        randomness: "error" (default) refuses random operations; "different" gives every batch
+            its own random numbers, drawn when the operator is made and replayed in every product.
+
+    Raises:
+        InvalidArgumentError: bad options, or data given as a one-shot iterator.
+
+    Example:
+        >>> import torch, funchess
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+        >>> x, y = torch.randn(10, 3), torch.randn(10, 1)
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+        >>> H = funchess.DatasetOperator(f, params, loader)
+        >>> torch.allclose(H.as_matrix(), funchess.to_matrix(funchess.hessian(f)(params, x, y)), atol=1e-6)
+        True
+        >>> top = funchess.eigsh(H, k=1, generator=torch.Generator().manual_seed(0))
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        params: PyTree,
+        data: Iterable[Any],
+        *,
+        curvature: str = "hessian",
+        loss_fn: Callable[..., Tensor] | None = None,
+        reduction: Reduction = "mean",
+        mode: Mode = "auto",
+        chunk_size: ChunkSize = "auto",
+        progress: bool | None = False,
+        randomness: str = "error",
+    ) -> None:
+        call = call_label("DatasetOperator", {"curvature": curvature, "loss_fn": loss_fn, "reduction": reduction,
+                                              "mode": mode, "chunk_size": chunk_size, "progress": progress,
+                                              "randomness": randomness}, first="f, params, data")
+        check_callable(call, f)
+        if curvature not in ("hessian", "ggn"):
+            raise InvalidArgumentError(f"{call}: expected curvature to be 'hessian' or 'ggn', got {curvature!r}.")
+        check_mode(call, mode)
+        check_chunk_size(call, chunk_size)
+        check_reduction(call, reduction)
+        check_progress(call, progress)
+        check_randomness(call, randomness, DATA_RANDOMNESS)
+        check_primals(call, (params,), ["params"])
+        check_function(call, f)
+        if iter(data) is data:  # type: ignore[comparison-overlap]
+            raise InvalidArgumentError(
+                f"{call}: expected data that can be iterated again for every product (a DataLoader "
+                f"or a list of batches), got a one-shot {type(data).__name__}. Pass list(data)."
+            )
+        params = usable(params)
+        self.f, self.params, self.data, self.curvature = f, params, data, curvature
+        products = DatasetProducts(call, f, curvature, loss_fn=loss_fn, reduction=reduction, mode=mode, randomness=randomness)
+        here = f"{call}(...) @ v"
+        rng = RandomState(tree_flatten(params)[0][0].device)
+        rng.save()
+
+        def mv(v: PyTree) -> PyTree:
+            rng.replay()
+            return products(here, params, v, data, progress)
+
+        self._products, self._here, self._rng, self._progress = products, here, rng, progress
+        super().__init__(mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None, vectorize=False)
+
+    def _mm(self, rows: Tensor) -> Tensor:
+        """`k` products in one pass over the data: the vectors go through each group together."""
+        if rows.shape[0] <= 1:
+            return super()._mm(rows)
+        k, n = rows.shape
+        pieces = []
+        for s, e in chunks(k, self.chunk_size or default_chunk(k, n)):
+            self._rng.replay()
+            V = unravel(rows[s:e], self.structure)
+            out = self._products(self._here, self.params, V, self.data, self._progress, batched=True)
+            pieces.append(ravel_batched(out, e - s).to(self.dtype))
+        return torch.cat(pieces)
+
+
+def ravel_batched(tree: PyTree, k: int) -> Tensor:
+    """A batch of `k` pytrees (leaves `(k, *shape)`) as a `(k, N)` Tensor, in `ravel` order."""
+    leaves = tree_flatten(tree)[0]
+    return torch.cat([leaf.reshape(k, -1) for leaf in leaves], 1)
+
