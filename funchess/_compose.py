@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import scalar_output
+from ._checks import inplace_error, scalar_output
 from ._compat import vjp
 from ._errors import UnsupportedError
 from ._functional import ModuleFunction
@@ -44,7 +44,6 @@ _MISSING_RULE = re.compile(
     re.IGNORECASE,
 )
 _RANDOM = re.compile(r"random operation while in randomness error mode", re.IGNORECASE)
-_CAPTURED = re.compile(r"would mutate a captured Tensor", re.IGNORECASE)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -94,9 +93,13 @@ def gradient(
 
 @contextlib.contextmanager
 def differentiable() -> Iterator[None]:
-    """Grad mode on and inference mode off: `torch.enable_grad()` alone does not leave
-    `torch.inference_mode()`, under which nothing can be differentiated."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Inference mode off (under `torch.inference_mode()` nothing can be differentiated, and
+    `torch.enable_grad()` alone does not leave it). Grad mode stays the caller's: torch.func's
+    transforms differentiate under an outer `torch.no_grad()` and then return results that carry
+    no graph, as the caller asked; plain-autograd paths turn grad mode on for themselves. (Leaving
+    inference mode turns grad mode on, so the caller's is set back inside.)"""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
         yield
 
 
@@ -110,7 +113,13 @@ def check_function(call: str, f: Any, *, per_sample: bool = False) -> None:
 def usable(tree: PyTree) -> PyTree:
     """Inference tensors (made under `torch.inference_mode()`) cannot be saved for backward:
     normal copies of them; every other leaf as it is."""
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, tree)
+    def normal(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_inference():
+            return t
+        with torch.inference_mode(False):  # a clone made inside inference mode is an inference tensor
+            return t.clone()
+
+    return tree_map(normal, tree)
 
 
 # ----------------------------------------------------------------------------- running modes
@@ -153,13 +162,9 @@ def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None
     translated = random_error(call, exc)
     if translated is not None:
         return translated
-    if isinstance(exc, RuntimeError) and _CAPTURED.search(str(exc)):
-        return UnsupportedError(
-            f"{call}: f writes in place into a Tensor it does not differentiate (an argument outside "
-            f"argnums, a buffer, or a tensor it closes over), which torch.func cannot do while it "
-            f"differentiates; expected f to leave such tensors unchanged. Copy the tensor first "
-            f"inside f (e.g. `y = y.clone()` before `y.copy_(x)`), or differentiate it too (argnums)."
-        )
+    inplace = inplace_error(call, exc)  # f writing into its inputs (a pass that did not go through call_f)
+    if inplace is not None:
+        return inplace
     if missing_rule(exc):
         other = [m for m in FALLBACK_ORDER if m != mode]
         fix = f"Try mode={other[0]!r} or mode='auto', or replace" if mode in FALLBACK_ORDER else "Replace"

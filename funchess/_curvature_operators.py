@@ -17,6 +17,7 @@ product, so the operator is one fixed linear map (as `eigsh` and `cg` need).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,7 @@ from ._checks import (
     ChunkSize,
     Mode,
     Reduction,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -36,15 +38,18 @@ from ._checks import (
     check_progress,
     check_randomness,
     check_reduction,
+    check_scalar,
+    relabel,
 )
-from ._compose import RandomState, check_function, usable
+from ._compat import inside_transform
+from ._compose import RandomState, check_function, differentiable, usable
 from ._dataset import DATA_RANDOMNESS, DatasetProducts
-from ._errors import InvalidArgumentError
-from ._ggn import ggn_vp
+from ._errors import FunchessError, InvalidArgumentError
+from ._ggn import ggn_vp, split_loss
 from ._hvp import hvp
 from ._memory import default_chunk
 from ._operator import FunctionOperator
-from ._tree import chunks, tree_flatten, unravel
+from ._tree import chunks, tree_flatten, tree_map, unravel
 
 __all__ = ["HessianOperator", "GGNOperator", "DatasetOperator"]
 
@@ -60,6 +65,27 @@ def _refuse_loader(call: str, data: tuple[Any, ...]) -> None:
                 f"{call}: expected one batch (e.g. inputs, targets), got a DataLoader. For the "
                 f"curvature of a whole data set use funchess.DatasetOperator(f, params, loader)."
             )
+
+
+def _check_point(call: str, evaluate: Callable[[PyTree], Any], randomness: str, params: PyTree) -> None:
+    """One forward at the operator's point when the operator is made, so that data the model cannot
+    take, a loss that is not a scalar or (with randomness="error") random operations are refused
+    naming the operator, not at its first product inside a spectral tool. Nothing is differentiated."""
+    guard = (
+        RandomState(tree_flatten(params)[0][0].device).guard(call)
+        if randomness == "error" and not inside_transform() else contextlib.nullcontext()
+    )
+    with differentiable(), guard:  # at parameters that require grad: an in-place write into them is refused
+        value = call_f(call, evaluate, tree_map(lambda t: (t.clone() if t.is_inference() else t.detach()).requires_grad_(True), params))
+    check_scalar(call, value)
+
+
+def _told_as(call: str, product: Callable[..., PyTree], *args: Any) -> PyTree:
+    """`product(*args)`, an inner transform's errors told as the operator's."""
+    try:
+        return product(*args)
+    except FunchessError as exc:
+        raise relabel(call, exc) from exc
 
 
 class _Replayed:
@@ -93,9 +119,15 @@ class HessianOperator(FunctionOperator):
         randomness: "error" (default) refuses an `f` that draws random numbers; "same" draws them
             once (when the operator is made) and replays them in every product.
 
+    The operator evaluates `f` once when it is made (a forward, nothing differentiated), so data
+    the model cannot take, a loss that is not a scalar or random operations are refused there,
+    naming the operator, rather than inside the first product of a spectral tool.
+
     Raises:
         InvalidArgumentError: f is not callable, bad options, params empty or not floating
-            point, or a DataLoader given as data.
+            point, a DataLoader given as data, or data the model cannot take.
+        OutputError: f does not return a scalar.
+        UnsupportedError: f draws random numbers with randomness="error".
 
     Example:
         >>> import torch, funchess
@@ -134,9 +166,10 @@ class HessianOperator(FunctionOperator):
         product = hvp(f, mode=mode, randomness=randomness)
 
         def mv(v: PyTree) -> PyTree:
-            return product(params, v, *data)
+            return _told_as(f"{call} @ v", product, params, v, *data)
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
+        _check_point(call, lambda p: f(p, *data), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
         self.randomness = "same" if randomness != "error" else "error"
 
@@ -162,6 +195,9 @@ class GGNOperator(FunctionOperator):
         chunk_size: vectors per vectorised pass ("auto": bounded automatically).
         randomness: as for `funchess.HessianOperator`.
 
+    Like `funchess.HessianOperator`, it evaluates the loss once when it is made, so bad data or a
+    loss that is not a scalar is refused there.
+
     Example:
         >>> import torch, funchess
         >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy)
@@ -184,18 +220,21 @@ class GGNOperator(FunctionOperator):
     ) -> None:
         call = call_label("GGNOperator", {"loss_fn": loss_fn, "chunk_size": chunk_size, "randomness": randomness},
                           first="f, params, inputs, targets")
+        output, loss = split_loss(call, f, loss_fn)
         check_chunk_size(call, chunk_size)
         check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
         check_primals(call, (params,), ["params"])
+        check_function(call, f)
         _refuse_loader(call, (inputs, targets))
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
         product = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
         self.f, self.params, self.inputs, self.targets = f, params, inputs, targets
 
         def mv(v: PyTree) -> PyTree:
-            return product(params, v, inputs, targets)
+            return _told_as(f"{call} @ v", product, params, v, inputs, targets)
 
         fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
+        _check_point(call, lambda p: loss(output(p, inputs), targets), randomness, params)
         super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
         self.randomness = "same" if randomness != "error" else "error"
 

@@ -51,8 +51,8 @@ from ._errors import MemoryBudgetError
 from ._ggn import ggn, ggn_vp, split_loss
 from ._hessian import hessian
 from ._hvp import hvp
-from ._memory import budget_of
-from ._tree import from_matrix, to_matrix
+from ._memory import budget_of, check_fits
+from ._tree import from_matrix, promoted_dtype, to_matrix, tree_flatten
 
 __all__ = ["dataset_hessian", "dataset_hvp", "dataset_ggn", "dataset_ggn_vp", "DatasetProducts", "DATA_RANDOMNESS"]
 
@@ -77,6 +77,14 @@ def _check(call: str, f: Any, reduction: Any, randomness: Any, progress: Any) ->
     check_reduction(call, reduction)
     check_randomness(call, randomness, DATA_RANDOMNESS)
     check_progress(call, progress)
+
+
+def _plan_sum(here: str, what: str, params: PyTree, budget: int | None, budget_from: str) -> None:
+    """The data-set sum and one group's (or batch's) matrix, planned before either is allocated."""
+    leaves = tree_flatten(params)[0]
+    N = sum(leaf.numel() for leaf in leaves)
+    check_fits(here, f"the data-set {what} of {N:,} parameters (the sum and one batch's)",
+               2 * N * N * promoted_dtype(leaves).itemsize, leaves[0].device, budget, budget_from, _FIXES)
 
 
 def _too_big(here: str, exc: MemoryBudgetError) -> MemoryBudgetError:
@@ -131,7 +139,7 @@ class DatasetProducts:
             self.group_product = lambda params, v, parts: G(params, v, parts, parts)
 
     def __call__(self, here: str, params: PyTree, V: PyTree, data: Iterable[Any], progress: bool | None, *, batched: bool = False) -> PyTree:
-        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"))
+        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
 
         def product(parts: list[Batch | Stack]) -> PyTree:
             if batched:
@@ -224,8 +232,8 @@ def dataset_hessian(
     _check(call, f, reduction, randomness, progress)
     check_mode(call, mode)
     check_chunk_size(call, chunk_size)
-    budget_of(call, max_memory)
     options = {"mode": mode, "chunk_size": chunk_size, "max_memory": max_memory, "randomness": _inner(randomness)}
+    budget, budget_from = budget_of(call, max_memory)
     H_batch = hessian(f, **options)  # type: ignore[arg-type]
     H_group = hessian(functools.partial(group_loss, f), **options)  # type: ignore[arg-type]
     normaliser = normaliser_of(f)
@@ -236,7 +244,8 @@ def dataset_hessian(
         params = usable(params)
         check_function(here, f)
         check_primals(here, (params,), ["params"])
-        grouping = Grouping(f, params, randomness, STACK_FLOPS)
+        _plan_sum(here, "Hessian", params, budget, budget_from)
+        grouping = Grouping(f, params, randomness, STACK_FLOPS, here)
 
         def per_group(group: list[Batch]) -> Tensor:
             parts = grouping.parts(group)
@@ -355,6 +364,7 @@ def dataset_ggn(
     call = call_label("dataset_ggn", {"loss_fn": loss_fn, "reduction": reduction, "chunk_size": chunk_size,
                                       "max_memory": max_memory, "progress": progress, "randomness": randomness})
     _check(call, f, reduction, randomness, progress)
+    budget, budget_from = budget_of(call, max_memory)
     G_fn = ggn(f, loss_fn=loss_fn, chunk_size=chunk_size, max_memory=max_memory, randomness=_inner(randomness))
     normaliser = normaliser_of(f)
 
@@ -362,7 +372,9 @@ def dataset_ggn(
     def dataset_ggn_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, data)"
         params = usable(params)
+        check_function(here, f)
         check_primals(here, (params,), ["params"])
+        _plan_sum(here, "GGN", params, budget, budget_from)
 
         def per_batch(group: list[Batch]) -> Tensor:
             (b,) = group

@@ -61,16 +61,17 @@ def _double_backward(
     leaves, spec = tree_flatten(primals)
     xs = [t.detach().requires_grad_(True) for t in leaves]
     vs = tree_flatten(tangents)[0]
-    out = scalar_output(call, f, has_aux)(*tree_unflatten(spec, xs))
-    value, aux = out if has_aux else (out, None)
-    grads: Sequence[Tensor | None] = (
-        torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
-    )
-    live = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-    hv: Sequence[Tensor | None] = (
-        torch.autograd.grad([g for g, _ in live], xs, grad_outputs=[v for _, v in live], allow_unused=True)
-        if live else [None] * len(xs)
-    )
+    with torch.enable_grad():
+        out = scalar_output(call, f, has_aux)(*tree_unflatten(spec, xs))
+        value, aux = out if has_aux else (out, None)
+        grads: Sequence[Tensor | None] = (
+            torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
+        )
+        live = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+        hv: Sequence[Tensor | None] = (
+            torch.autograd.grad([g for g, _ in live], xs, grad_outputs=[v for _, v in live], allow_unused=True)
+            if live else [None] * len(xs)
+        )
     result = [torch.zeros_like(x) if h is None else h for x, h in zip(xs, hv)]
     aux = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
     return tuple(tree_unflatten(spec, result)), aux
