@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, Literal, Union
@@ -11,11 +13,11 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .._checks import check_callable, check_chunk_size, check_primals, check_randomness
-from .._compose import check_function, differentiable, random_error, usable
-from .._errors import StructureError, UnsupportedError
+from .._checks import call_f, check_callable, check_chunk_size, check_primals, check_randomness, check_scalar
+from .._compose import RandomState, check_function, differentiable, random_errors, usable
+from .._errors import FunchessError, StructureError
 from .._memory import parse_bytes
-from .._samples import PER_SAMPLE_FIX
+from .._samples import PER_SAMPLE_FIX, Samples
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._checks import check_samples, label, recurrent, split_model
 from ._route import GGNJob, ggn_parts, structured_hessian_diagonal
@@ -35,14 +37,14 @@ def ggn_job(
         "loss_fn": loss_fn, "samples": samples, "generator": generator, "chunk_size": chunk_size,
         "sample_chunk_size": sample_chunk_size, "max_memory": max_memory, "randomness": randomness,
     })
-    output, loss = split_model(call, f, loss_fn)
+    output, loss, checked = split_model(call, f, loss_fn)
     chunk = check_chunk_size(call, chunk_size)
     sample_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_samples(call, samples, generator)
     check_randomness(call, randomness)
     if max_memory is not None:
         parse_bytes(call, max_memory)
-    return GGNJob(call, f, output, loss, samples, generator, chunk, sample_chunk, max_memory, randomness)
+    return GGNJob(call, f, output, loss, samples, generator, chunk, sample_chunk, max_memory, randomness, checked)
 
 
 def ggn_diagonal(
@@ -117,7 +119,7 @@ def ggn_diagonal(
 
 def at_call(job: GGNJob, here: str) -> GGNJob:
     """The job with the call label of one call (with its arguments)."""
-    return GGNJob(here, job.f, job.output, job.loss, job.samples, job.generator, job.chunk, job.sample_chunk, job.max_memory, job.randomness)
+    return dataclasses.replace(job, call=here)
 
 
 def per_sample_ggn_diagonal(
@@ -157,6 +159,7 @@ def per_sample_ggn_diagonal(
         here = f"{job.call}(params, inputs, targets)"
         check_primals(here, (params,), ["params"])
         check_function(here, f, per_sample=True)
+        Samples(here, (inputs, targets))  # the samples along dim 0, at least one
         return ggn_parts(at_call(job, here), params, inputs, targets, "per_sample")[0]
 
     return per_sample_ggn_diagonal_fn
@@ -219,15 +222,28 @@ def per_sample_hessian_diagonal(
         here = f"{call}(params, ...)"
         check_primals(here, (params,), ["params"])
         check_function(here, f, per_sample=True)
+        Samples(here, data)  # the samples along dim 0, at least one
         out = structured_hessian_diagonal(
             f, params, *data, per_sample=True, chunk_size=chunk, sample_chunk_size=sample_chunk, max_memory=max_memory
         )
         if out is not None:
             return out
         with differentiable():  # copies of inference tensors made outside inference mode
-            return _generic_per_sample_hessian_diagonal(here, f, params, usable(data), chunk, sample_chunk, max_memory, randomness)
+            data = usable(data)
+            _check_once(here, f, params, data, randomness)
+            return _generic_per_sample_hessian_diagonal(here, f, params, data, chunk, sample_chunk, max_memory, randomness)
 
     return per_sample_hessian_diagonal_fn
+
+
+def _check_once(call: str, f: Callable[..., Any], params: PyTree, data: tuple[Any, ...], randomness: str) -> None:
+    """One evaluation of `f` on the batch, so that its errors (the model's, the loss's, a random
+    draw, an in-place write into the parameters, a non-scalar loss) name this call."""
+    tracked = tree_map(lambda p: p.detach().requires_grad_(True), params)
+    device = tree_flatten(params)[0][0].device
+    guard = RandomState(device).guard(call, PER_SAMPLE_FIX) if randomness == "error" else contextlib.nullcontext()
+    with guard:
+        check_scalar(call, call_f(call, f, tracked, *data))
 
 
 def _generic_per_sample_hessian_diagonal(
@@ -254,17 +270,15 @@ def _generic_per_sample_hessian_diagonal(
             full[i] = t.unsqueeze(0)
         return diag(params, *tree_unflatten(spec, full))
 
-    if recurrent(f):  # torch.func.vmap has no batching rule for recurrent layers
-        rows = [one(*[leaves[i][n] for i in index]) for n in range(B)]
-        return tree_map(lambda *t: torch.stack(t), *rows)
-    size = sample_chunk or B
-    parts = []
-    for b0 in range(0, B, size):
-        try:
-            parts.append(vmap(one, randomness=randomness)(*[leaves[i][b0 : b0 + size] for i in index]))
-        except (RuntimeError, UnsupportedError) as exc:  # torch's vmap error, or the engine's
-            translated = random_error(call, exc, PER_SAMPLE_FIX)
-            if translated is None:
-                raise
-            raise translated from exc
-    return tree_map(lambda *t: torch.cat(t), *parts)
+    try:
+        if recurrent(f):  # torch.func.vmap has no batching rule for recurrent layers
+            rows = [one(*[leaves[i][n] for i in index]) for n in range(B)]
+            return tree_map(lambda *t: torch.stack(t), *rows)
+        size = sample_chunk or B
+        parts = []
+        for b0 in range(0, B, size):
+            with random_errors(call, PER_SAMPLE_FIX):
+                parts.append(vmap(one, randomness=randomness)(*[leaves[i][b0 : b0 + size] for i in index]))
+        return tree_map(lambda *t: torch.cat(t), *parts)
+    except FunchessError as exc:  # the inner hessian_diagonal's error, told for this call
+        raise type(exc)(f"{call}: {str(exc).split(': ', 1)[-1]}") from exc

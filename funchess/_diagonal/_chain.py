@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from .._functional import ModuleFunction
 from ._checks import Budget
 from ._curvature import Block, Curvature, as_factor, sample_slice
-from ._losses import output_curvature, recognise
+from ._losses import output_curvature
 from ._rules_linear import ConvStep, EmbeddingStep, LinearStep
 from ._rules_nonlinear import (
     ChannelAffineStep,
@@ -234,22 +234,26 @@ def run_chain(
     """Diagonals (or factor columns) keyed by the caller's parameter names, plus the factor's
     signs in column mode; None when the loss couples the samples (the caller's generic path)."""
     lo = min(i for i, s in enumerate(steps) if s.selected)
-    with torch.no_grad():
-        x = inputs
-        for s in steps:
-            if not isinstance(x, Tensor) or not s.applies(x):
-                return None
-            y = s.forward(x)
-            if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
-                return None  # a module that reduces over or reshapes the batch
-            x = y
-        z = x
-        if recognise(loss_fn) is None:  # a scalar by construction otherwise
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        return None  # no samples: the generic path says so
+    try:  # bad input (devices, dtypes, shapes, targets) fails here; the generic path names the fix
+        with torch.no_grad():
+            x = inputs
+            for s in steps:
+                if not isinstance(x, Tensor) or not s.applies(x):
+                    return None
+                y = s.forward(x)
+                if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+                    return None  # a module that reduces over or reshapes the batch
+                x = y
+            z = x
             value = loss_fn(z) if targets is None else loss_fn(z, targets)
             if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-                return None  # not a scalar loss: the generic path says so
-        for s in steps[lo:]:
-            s.prepare(opts.hessian)
+                return None  # not a scalar loss
+            for s in steps[lo:]:
+                s.prepare(opts.hessian)
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
     curv = output_curvature(loss_fn, z, targets, per_sample=opts.per_sample, samples=opts.samples, generator=opts.generator)
     if curv is None:
         return None

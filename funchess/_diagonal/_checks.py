@@ -73,8 +73,9 @@ class Budget:
 
 def split_model(
     call: str, f: Any, loss_fn: Callable[..., Tensor] | None
-) -> tuple[Callable[[Any, Any], Any], Callable[..., Tensor]]:
-    """`(output(params, inputs), loss_fn)` from a ModuleFunction or a model-output function."""
+) -> tuple[Callable[[Any, Any], Any], Callable[..., Tensor], Callable[..., Tensor]]:
+    """`(output(params, inputs), loss_fn, checked loss)` from a ModuleFunction or a model-output
+    function; the checked loss tells torch's errors about the targets as funchess errors."""
     check_callable(call, f)
     if isinstance(f, ModuleFunction):
         loss = loss_fn if loss_fn is not None else f.loss_fn
@@ -89,7 +90,8 @@ def split_model(
             f"{'no loss' if loss is None else type(loss).__name__ + ' as loss_fn'}. Pass "
             f"loss_fn=torch.nn.functional.cross_entropy (or your loss of (output, targets))."
         )
-    return output, loss
+    checked: Callable[..., Tensor] = f.loss if isinstance(f, ModuleFunction) and loss_fn is None else loss
+    return output, loss, checked
 
 
 def couples_samples(f: Any) -> bool:
@@ -120,6 +122,6 @@ def check_loss(call: str, loss: Callable[..., Tensor], z: Tensor, targets: Any) 
     if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
         got = f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
         raise OutputError(
-            f"{call}: expected loss_fn(output, targets) to return a floating-point scalar, got "
-            f"{got}. Reduce the loss over the batch (reduction='mean' or 'sum')."
+            f"{call}: loss_fn must return a scalar floating-point Tensor, got {got}. Reduce the "
+            f"loss over the batch (reduction='mean' or 'sum')."
         )

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._checks import check_primals
 from .._compose import check_function
 from .._errors import StructureError
+from .._samples import Samples
 from .._tree import tree_flatten, tree_unflatten
 from ._api import ChunkSize, Randomness, at_call, ggn_job
 from ._curvature import weighted_sum
@@ -151,6 +152,7 @@ def per_sample_ggn_factor(
         here = f"{job.call}(params, inputs, targets)"
         check_primals(here, (params,), ["params"])
         check_function(here, f, per_sample=True)
+        Samples(here, (inputs, targets))  # the samples along dim 0, at least one
         columns, signs = ggn_parts(at_call(job, here), params, inputs, targets, "columns")
         return GGNFactor(columns, signs)
 

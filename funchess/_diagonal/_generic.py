@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .._checks import call_f
 from .._compat import vjp
 from .._compose import RandomState
 from .._tree import tree_flatten, tree_map, tree_unflatten
@@ -69,17 +70,24 @@ def _one(tree: PyTree) -> PyTree:
     return tree_map(lambda t: t.unsqueeze(0), tree)
 
 
-def outputs(output: Output, params: PyTree, inputs: Any, chunk: int, randomness: str, replay: RngReplay) -> Tensor:
-    """The model outputs: one batch forward (deterministic models), or per slice of samples under
-    `vmap` with the generators' states saved (random ones, to be replayed by the `vjp`s)."""
+def outputs(call: str, output: Output, params: PyTree, inputs: Any, chunk: int | None, randomness: str, replay: RngReplay) -> Tensor:
+    """The model outputs (detached): one batch forward (deterministic models), or per slice of
+    samples under `vmap` with the generators' states saved (random ones, replayed by the `vjp`s).
+    The forward sees the parameters as tensors autograd tracks, so that torch refuses an in-place
+    write into them before it lands (told as a funchess error naming the fix)."""
     if randomness == "error":
-        return output(params, inputs)
+        tracked = tree_map(lambda p: p.detach().requires_grad_(True), params)
+        with torch.enable_grad():
+            z = call_f(call, output, tracked, inputs)
+        return z.detach() if isinstance(z, Tensor) else z
     B = batch_size(inputs)
+    chunk = chunk or B
     parts = []
     for b0 in range(0, B, chunk):
         replay.save(b0)
         xs = take(inputs, b0, min(B, b0 + chunk))
-        parts.append(vmap(lambda xn: output(params, _one(xn))[0], randomness=randomness)(xs))
+        with torch.no_grad():
+            parts.append(vmap(lambda xn: output(params, _one(xn))[0], randomness=randomness)(xs))
     return torch.cat(parts)
 
 
@@ -89,6 +97,7 @@ def batch_size(inputs: Any) -> int:
 
 
 def per_sample_columns(
+    call: str,
     output: Output,
     params: PyTree,
     inputs: Any,
@@ -111,10 +120,11 @@ def per_sample_columns(
     for b0 in range(0, B, sample_chunk):
         b1 = min(B, b0 + sample_chunk)
         replay.replay(b0)
-        yield b0, b1, run(take(inputs, b0, b1), S[b0:b1])
+        yield b0, b1, call_f(call, run, take(inputs, b0, b1), S[b0:b1])
 
 
 def coupled_columns(
+    call: str,
     output: Output,
     loss_fn: Callable[..., Tensor],
     params: PyTree,
@@ -139,7 +149,7 @@ def coupled_columns(
     if samples is not None:
         curv = monte_carlo(None, curv, z.unsqueeze(0), None, samples, generator)
     S, signs = as_factor(curv)
-    _, back = vjp(lambda p: output(p, inputs), params)
+    _, back = call_f(call, vjp, lambda p: output(p, inputs), params)
     pulled = vmap(lambda s: back(s)[0], chunk_size=chunk)(S[0])
     return pulled, None if signs is None else signs[0]
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .._checks import call_f
 from .._compat import inside_transform, vjp
 from .._compose import RandomState, differentiable, usable
 from .._errors import MemoryBudgetError
@@ -95,6 +96,12 @@ class GGNJob:
     sample_chunk: int | None
     max_memory: int | float | str | None
     randomness: str
+    checked_loss: Callable[..., Tensor]  # the loss as the user's call evaluates it (errors told)
+
+
+def z_device(params: Any) -> torch.device:
+    device: torch.device = tree_flatten(params)[0][0].device
+    return device
 
 
 def ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
@@ -131,14 +138,14 @@ def _ggn_parts(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -
 
 def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str, bud: Budget) -> tuple[PyTree, Tensor | None]:
     leaves, spec = tree_flatten(params)
-    B = int(tree_flatten(inputs)[0][0].shape[0])
     N = sum(p.numel() for p in leaves)
     itemsize = leaves[0].element_size()
-    first = job.sample_chunk or B
     replay = RngReplay(job.randomness != "error", leaves[0].device)
-    with _guard(job, leaves[0].device, kind != "diag"), torch.no_grad():
-        z = check_output(job.call, outputs(job.output, params, inputs, first, job.randomness, replay))
-    check_loss(job.call, job.loss, z, targets)
+    with _guard(job, leaves[0].device, kind != "diag"):
+        z = check_output(job.call, outputs(job.call, job.output, params, inputs, job.sample_chunk, job.randomness, replay))
+    check_loss(job.call, job.checked_loss, z, targets)
+    B = int(z.shape[0])
+    first = job.sample_chunk or B
     if kind == "diag" and not isinstance(job.f, ModuleFunction) and job.randomness == "error" and not _independent(job, params, inputs, z):
         return _batch_route(job, params, inputs, targets), None  # a plain function that mixes the samples
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
@@ -159,7 +166,7 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     pieces: list[PyTree] = []
     total: PyTree = None
     for b0, b1, cols in per_sample_columns(
-        job.output, params, inputs, S, sample_chunk=chunk, chunk=job.chunk, randomness=job.randomness, replay=replay
+        job.call, job.output, params, inputs, S, sample_chunk=chunk, chunk=job.chunk, randomness=job.randomness, replay=replay
     ):
         if kind == "columns":
             pieces.append(cols)
@@ -202,12 +209,12 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
     samples), or losses that couple the samples: columns of the batch output pulled back through
     the batch's one `vjp`."""
     with _guard(job, tree_flatten(params)[0][0].device):
-        z, back = vjp(lambda p: job.output(p, inputs), params)
+        z, back = call_f(job.call, vjp, lambda p: job.output(p, inputs), params)
     z = check_output(job.call, z).detach()
-    check_loss(job.call, job.loss, z, targets)
+    check_loss(job.call, job.checked_loss, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=False, samples=job.samples, generator=job.generator)
     if curv is None:
-        cols, signs = coupled_columns(job.output, job.loss, params, inputs, targets, z, samples=job.samples, generator=job.generator, chunk=job.chunk)
+        cols, signs = coupled_columns(job.call, job.output, job.loss, params, inputs, targets, z, samples=job.samples, generator=job.generator, chunk=job.chunk)
         return squares(tree_map(lambda t: t.unsqueeze(0), cols), None if signs is None else signs.unsqueeze(0), per_sample=False)
     S, sgn = as_factor(curv)  # (B, K, *out): column (n, k) lives on sample n
     B, K = S.shape[:2]
@@ -225,16 +232,16 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
 def _loop_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) -> tuple[PyTree, Tensor | None]:
     """Recurrent layers: `vmap` cannot batch them over samples, so one `vjp` per sample (each
     pulling back all its columns)."""
-    with _guard(job, tree_flatten(params)[0][0].device, kind != "diag"), torch.no_grad():
-        z = check_output(job.call, job.output(params, inputs)).detach()
-    check_loss(job.call, job.loss, z, targets)
+    with _guard(job, tree_flatten(params)[0][0].device, kind != "diag"):
+        z = check_output(job.call, outputs(job.call, job.output, params, inputs, None, "error", RngReplay(False, z_device(params))))
+    check_loss(job.call, job.checked_loss, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:
         return _batch_route(job, params, inputs, targets), None
     S, signs = as_factor(curv)
     rows = []
     for n in range(S.shape[0]):
-        _, back = vjp(lambda p: job.output(p, take(inputs, n, n + 1)), params)
+        _, back = call_f(job.call, vjp, lambda p: job.output(p, take(inputs, n, n + 1)), params)
         cols = [back(S[n : n + 1, k])[0] for k in range(S.shape[1])]
         rows.append(tree_map(lambda *t: torch.stack(t), *cols))
     stacked = tree_map(lambda *t: torch.stack(t), *rows)  # (B, K, *param)
