@@ -58,6 +58,10 @@ def weighted_sum(sq: Tensor, w: Tensor | None) -> Tensor:
     """`sum_k w[n, k] sq[n, k, ...]` (`sq` may be shared: batch size 1 against `w`'s `b`)."""
     if w is None:
         return sq.sum(1)
+    if w.dim() == 2 and w.stride(1) == 0:  # one weight per sample (a loss's scale): no product
+        out = sq.sum(1)
+        return out * w[:, 0].reshape(-1, *([1] * (out.dim() - 1)))
+    w = w.contiguous()  # bmm with a broadcast (expanded) operand takes a slow path
     if sq.shape[0] == 1 and w.shape[0] != 1:
         return (w @ sq[0].reshape(sq.shape[1], -1)).reshape(w.shape[0], *sq.shape[2:])
     b, K = sq.shape[:2]

@@ -45,9 +45,9 @@ class LinearStep(Step):
 
     def pull(self, c: Curvature, sl: slice) -> Curvature:
         W = self.p["weight"]
-        blocks = [Block(b.S @ W, b.w) for b in c.blocks]
+        O, I = W.shape
+        blocks = [Block((b.S.reshape(-1, O) @ W).reshape(*b.S.shape[:-1], I), b.w) for b in c.blocks]
         if c.diag is not None:
-            O = W.shape[0]
             if not self._mid():  # diag(d) pulls back to the rows of W, shared by all samples
                 blocks.append(Block(W.unsqueeze(0), c.diag))
             else:  # one column per (position, output): W[o] placed at that position
@@ -57,7 +57,6 @@ class LinearStep(Step):
                 blocks.append(Block(S, c.diag.reshape(c.diag.shape[0], P * O)))
         dense = None
         if c.dense is not None:
-            O, I = W.shape
             P = math.prod(self.feat_out[:-1])
             if P == 1:
                 dense = W.T @ (c.dense @ W)
