@@ -58,6 +58,9 @@ from ._hvp import hvp as hvp
 from ._hvp import vhp as vhp
 from ._jacobian import jacfwd as jacfwd
 from ._jacobian import jacrev as jacrev
+from ._kfac import KFAC as KFAC
+from ._kfac import KFACLayer as KFACLayer
+from ._kfac import kfac as kfac
 from ._memory import MemoryPlan as MemoryPlan
 from ._operator import DenseOperator as DenseOperator
 from ._operator import FunctionOperator as FunctionOperator
@@ -138,4 +141,8 @@ __all__ = [
     "ggn",
     "ggn_vp",
     "empirical_fisher",
+    # Kronecker-factored curvature
+    "KFAC",
+    "KFACLayer",
+    "kfac",
 ]
