@@ -23,6 +23,11 @@ from ._dataset import dataset_ggn as dataset_ggn
 from ._dataset import dataset_ggn_vp as dataset_ggn_vp
 from ._dataset import dataset_hessian as dataset_hessian
 from ._dataset import dataset_hvp as dataset_hvp
+from ._diagonal import GGNFactor as GGNFactor
+from ._diagonal import ggn_diagonal as ggn_diagonal
+from ._diagonal import per_sample_ggn_diagonal as per_sample_ggn_diagonal
+from ._diagonal import per_sample_ggn_factor as per_sample_ggn_factor
+from ._diagonal import per_sample_hessian_diagonal as per_sample_hessian_diagonal
 from ._eigen import EigenResult as EigenResult
 from ._eigen import SpectralDensity as SpectralDensity
 from ._eigen import eigsh as eigsh
@@ -123,6 +128,12 @@ __all__ = [
     "per_sample_hessian",
     "per_sample_hvp",
     "per_sample_ggn",
+    "per_sample_ggn_factor",
+    "GGNFactor",
+    # exact diagonals (module-aware where the model is a chain of known modules)
+    "ggn_diagonal",
+    "per_sample_ggn_diagonal",
+    "per_sample_hessian_diagonal",
     "dataset_hessian",
     "dataset_hvp",
     "dataset_ggn",

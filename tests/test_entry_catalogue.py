@@ -103,6 +103,13 @@ ENTRIES: dict[str, tuple[str, str, Callable[[World], Any]]] = {
     "empirical_fisher": ("per_sample", r"funchess\.empirical_fisher\(", lambda w: funchess.empirical_fisher(w.f)(w.params, w.x, w.y)),
     "ggn": ("batch", r"funchess\.ggn\(", lambda w: funchess.ggn(w.f)(w.params, w.x, w.y)),
     "ggn_vp": ("batch", r"funchess\.ggn_vp\(", lambda w: funchess.ggn_vp(w.f)(w.params, w.v, w.x, w.y)),
+    "ggn_diagonal": ("batch", r"funchess\.ggn_diagonal\(", lambda w: funchess.ggn_diagonal(w.f)(w.params, w.x, w.y)),
+    "per_sample_ggn_diagonal": ("per_sample", r"funchess\.per_sample_ggn_diagonal\(",
+                                lambda w: funchess.per_sample_ggn_diagonal(w.f)(w.params, w.x, w.y)),
+    "per_sample_ggn_factor": ("per_sample", r"funchess\.per_sample_ggn_factor\(",
+                              lambda w: funchess.per_sample_ggn_factor(w.f)(w.params, w.x, w.y)),
+    "per_sample_hessian_diagonal": ("per_sample", r"funchess\.per_sample_hessian_diagonal\(",
+                                    lambda w: funchess.per_sample_hessian_diagonal(w.f)(w.params, w.x, w.y)),
     "dataset_hessian": ("dataset", r"funchess\.dataset_hessian\(", lambda w: funchess.dataset_hessian(w.f)(w.params, w.batches)),
     "dataset_hvp": ("dataset", r"funchess\.dataset_hvp\(", lambda w: funchess.dataset_hvp(w.f)(w.params, w.v, w.batches)),
     "dataset_ggn": ("dataset", r"funchess\.dataset_ggn\(", lambda w: funchess.dataset_ggn(w.f)(w.params, w.batches)),
@@ -284,7 +291,7 @@ def test_the_catalogue_covers_every_public_entry_point() -> None:
     }
     classes = {"FunchessError", "InvalidArgumentError", "MemoryBudgetError", "OutputError", "StructureError",
                "UnsupportedError", "ConvergenceWarning", "MemoryPlan", "EigenResult", "SpectralDensity",
-               "SolveResult", "TraceEstimate", "DiagonalEstimate"}
+               "SolveResult", "TraceEstimate", "DiagonalEstimate", "GGNFactor"}
     assert set(funchess.__all__) - classes <= covered, sorted(set(funchess.__all__) - classes - covered)
 
 

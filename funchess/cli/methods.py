@@ -452,7 +452,7 @@ METHODS: list[Method] = [
     Method("curvlinops H @ v", "hvp", _curvlinops_hvp, _flat, requires=("curvlinops",)),
     # diagonal
     Method("funchess.hessian_diagonal", "diagonal", _funchess_diag, _flat, lambda s: s.chunk(CHUNK),
-           note="exact diagonal, block by block, O(N) memory"),
+           note="exact diagonal: the module-aware sweep on chains of known modules, else block by block; O(N) memory"),
     Method("BackPACK DiagHessian", "diagonal", _backpack_diag, _flat, requires=("backpack",),
            note="BackPACK supports a whitelist of layers"),
     # per-sample Hessians
