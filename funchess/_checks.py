@@ -72,6 +72,8 @@ def _default(name: str, value: Any) -> bool:
 
 
 def _show(name: str, value: Any) -> str:
+    if isinstance(value, torch.Generator):  # its repr is an address
+        return "<torch.Generator>"
     if callable(value) and not isinstance(value, (str, int, float)):
         return str(getattr(value, "__name__", type(value).__name__))
     return repr(value)
@@ -259,6 +261,16 @@ def check_progress(call: str, progress: Any) -> None:
             f"{call}: expected progress to be True (show a bar), None (only on a terminal) or "
             f"False (never), got {progress!r}."
         )
+
+
+def check_generator(call: str, generator: Any) -> torch.Generator | None:
+    """`generator` must be None or a `torch.Generator` (for random draws that can be replayed)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidArgumentError(
+            f"{call}: expected generator to be a torch.Generator or None, got "
+            f"{type(generator).__name__}. Pass e.g. torch.Generator().manual_seed(0)."
+        )
+    return generator
 
 
 def check_count(call: str, name: str, value: Any, least: int) -> int:

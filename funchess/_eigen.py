@@ -16,9 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_positive, relays_warnings
+from ._checks import check_count, check_generator, check_positive, relays_warnings
 from ._errors import ConvergenceWarning, InvalidArgumentError
-from ._linalg import Products, check_generator, draw, orthogonalise, tridiagonal
+from ._linalg import Products, draw, orthogonalise, tridiagonal
 from ._operator import LinearOperator, check_operator
 from ._tree import unravel
 

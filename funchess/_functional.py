@@ -16,11 +16,11 @@ from torch.func import functional_call
 from torch.nn.modules import module as _module
 from torch.utils.data import DataLoader
 
-from ._checks import closest
-from ._errors import FunchessError, InvalidArgumentError, StructureError, UnsupportedError
+from ._checks import check_callable, closest
+from ._errors import FunchessError, InvalidArgumentError, OutputError, StructureError, UnsupportedError
 from ._tree import tree_flatten
 
-__all__ = ["functional", "ModuleFunction"]
+__all__ = ["functional", "ModuleFunction", "split_model", "split_loss", "checked_loss", "check_output"]
 
 
 def _check_float(call: str, name: str, t: Tensor) -> None:
@@ -271,6 +271,20 @@ class ModuleFunction:
 
     def call_model(self, params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
         """Run the model with `params` substituted (and copies of its buffers)."""
+        self.check_params(params)
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        hooks = _without_backward_hooks(self.model) if self.backward_hooks == "skip" else contextlib.nullcontext()
+        with hooks:
+            try:
+                return functional_call(self.model, (dict(params), buffers), args, kwargs, strict=False)
+            except _CAUGHT as exc:
+                error = _model_error(f"{self!r}(params, ...)", params, buffers, (args, kwargs), exc)
+                if error is None:
+                    raise
+                raise error from exc
+
+    def check_params(self, params: Any) -> None:
+        """`params` must be a dict keyed by the model's parameter names, each tensor once."""
         if not isinstance(params, Mapping):
             raise InvalidArgumentError(
                 f"{self!r}(params, ...): expected params to be a dict of Tensors keyed by "
@@ -293,16 +307,6 @@ class ModuleFunction:
                     f"parameter; expected each parameter once. Keep only {self._tied[k]!r} (the name "
                     f"funchess.functional returns)."
                 )
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        hooks = _without_backward_hooks(self.model) if self.backward_hooks == "skip" else contextlib.nullcontext()
-        with hooks:
-            try:
-                return functional_call(self.model, (dict(params), buffers), args, kwargs, strict=False)
-            except _CAUGHT as exc:
-                error = _model_error(f"{self!r}(params, ...)", params, buffers, (args, kwargs), exc)
-                if error is None:
-                    raise
-                raise error from exc
 
     def output(self, params: Mapping[str, Tensor], inputs: Any) -> Any:
         """The model output for `inputs` packed as in `f(params, inputs, targets)`: one Tensor, a
@@ -472,3 +476,70 @@ def functional(
     return ModuleFunction(model, loss_fn, dict_inputs=dict_inputs, batch_norm=batch_norm, backward_hooks=backward_hooks), selected
 
 
+
+
+# ----------------------------------------------------------------------------- output and loss
+
+
+def split_model(
+    call: str, f: Any, loss_fn: Callable[..., Tensor] | None
+) -> tuple[Callable[[Any, Any], Any], Callable[..., Tensor], Callable[..., Tensor]]:
+    """`(output(params, inputs), loss_fn, loss)`: the model output and the loss of `f`, for the
+    functions that need them apart (GGNs, diagonals, K-FAC). `f` is `funchess.functional(model,
+    loss_fn)` (its loss, or `loss_fn=` overriding it) or a function `f(params, inputs)` returning
+    the model output, with `loss_fn=`. `loss_fn` is returned as given (to recognise a closed
+    form); `loss` evaluates it, with torch's errors about the targets told as funchess errors when
+    it is the loss of `f`."""
+    check_callable(call, f)
+    if isinstance(f, ModuleFunction):
+        loss = loss_fn if loss_fn is not None else f.loss_fn
+        output: Callable[[Any, Any], Any] = f.output
+    else:
+        loss, output = loss_fn, f
+    if loss is None or not callable(loss):
+        raise InvalidArgumentError(
+            f"{call}: the GGN needs the model output and the loss separately; expected f from "
+            f"funchess.functional(model, loss_fn), or f(params, inputs) returning the model "
+            f"output together with loss_fn=..., got "
+            f"{'no loss' if loss is None else type(loss).__name__ + ' as loss_fn'}. Pass "
+            f"loss_fn=torch.nn.functional.cross_entropy (or your loss of (output, targets))."
+        )
+    told: Callable[..., Tensor] = f.loss if isinstance(f, ModuleFunction) and loss_fn is None else loss
+    return output, loss, told
+
+
+def checked_loss(call: str, loss: Callable[..., Tensor]) -> Callable[[Any, Any], Tensor]:
+    """`loss_of(output, targets)`: `loss(output, targets)` (`loss(output)` when `targets` is None),
+    checked to be a real floating-point scalar."""
+
+    def loss_of(out: Any, targets: Any) -> Tensor:
+        value = loss(out) if targets is None else loss(out, targets)
+        if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point() or value.is_complex():
+            got = f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise OutputError(
+                f"{call}: loss_fn must return a scalar floating-point Tensor, got {got}. Reduce the "
+                f"loss over the batch (reduction='mean' or 'sum')."
+            )
+        return value
+
+    return loss_of
+
+
+def split_loss(
+    call: str, f: Any, loss_fn: Callable[..., Tensor] | None
+) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Tensor]]:
+    """`split_model` with the loss checked: `(output(params, inputs), loss_of(output, targets))`."""
+    output, _, loss = split_model(call, f, loss_fn)
+    return output, checked_loss(call, loss)
+
+
+def check_output(call: str, z: Any) -> Tensor:
+    """The model output must be one floating-point Tensor with the samples along dim 0."""
+    if not isinstance(z, Tensor) or z.dim() == 0 or not z.is_floating_point():
+        got = f"shape {tuple(z.shape)}, {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
+        raise OutputError(
+            f"{call}: expected the model output to be a floating-point Tensor with the samples "
+            f"along dim 0, got {got}. Return one output Tensor from the model (put several into "
+            f"one, or wrap the model)."
+        )
+    return z

@@ -36,8 +36,7 @@ from ._checks import (
 )
 from ._compat import inside_transform, vjp
 from ._compose import RandomState, check_function, differentiable, random_errors, usable
-from ._errors import InvalidArgumentError, OutputError
-from ._functional import ModuleFunction
+from ._functional import split_loss
 from ._hessian import hessian
 from ._hvp import hvp
 from ._jacobian import jac_rev
@@ -55,39 +54,6 @@ _GGN_FIXES = "Use matrix-free products (funchess.ggn_vp), the diagonal, or fewer
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-
-def split_loss(
-    call: str, f: Callable[..., Any], loss_fn: Callable[..., Tensor] | None
-) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Tensor]]:
-    """`(output(params, inputs), loss(output, targets))` from a ModuleFunction or a model function."""
-    check_callable(call, f)
-    if isinstance(f, ModuleFunction):
-        loss = loss_fn if loss_fn is not None else (f.loss if f.loss_fn is not None else None)
-        output: Callable[[Any, Any], Any] = f.output
-    else:
-        loss, output = loss_fn, f
-    if loss is None or not callable(loss):
-        raise InvalidArgumentError(
-            f"{call}: the GGN needs the model output and the loss separately; expected f from "
-            f"funchess.functional(model, loss_fn), or f(params, inputs) returning the model "
-            f"output together with loss_fn=..., got "
-            f"{'no loss' if loss is None else type(loss).__name__ + ' as loss_fn'}. Pass "
-            f"loss_fn=torch.nn.functional.cross_entropy (or your loss of (output, targets))."
-        )
-    checked: Callable[..., Tensor] = loss
-
-    def loss_of(out: Any, targets: Any) -> Tensor:
-        value = checked(out) if targets is None else checked(out, targets)
-        if not isinstance(value, Tensor) or value.dim() != 0:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise OutputError(
-                f"{call}: loss_fn must return a scalar Tensor, got {got}. Reduce the loss "
-                f"(reduction='mean' or 'sum')."
-            )
-        return value
-
-    return output, loss_of
 
 
 def _dense(blocks: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_count
+from ._checks import check_count, check_generator
 from ._errors import InvalidArgumentError, OutputError
 from ._memory import default_chunk
 from ._operator import LinearOperator, check_operator
@@ -60,15 +60,6 @@ def check_finite(call: str, what: str, x: Tensor) -> None:
             f"{call}: {what} has non-finite entries (NaN or Inf); expected finite values. Check how it "
             f"was computed."
         )
-
-
-def check_generator(call: str, generator: Any) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise InvalidArgumentError(
-            f"{call}: expected generator to be a torch.Generator or None, got "
-            f"{type(generator).__name__}. Pass e.g. torch.Generator().manual_seed(0)."
-        )
-    return generator
 
 
 def check_distribution(call: str, distribution: str) -> None:

@@ -280,3 +280,33 @@ def check_fits(
     )
     error.plan = plan
     raise error
+
+
+class Budget:
+    """The memory budget: `max_memory`, or 80 % of the device's free memory, which is asked of the
+    system only when a plan comes near `_SMALL` (reading it costs more than a small sweep)."""
+
+    _SMALL = 64 * 2**20
+
+    def __init__(self, call: str, max_memory: int | float | str | None, device: torch.device) -> None:
+        self.fixed = None if max_memory is None else parse_bytes(call, max_memory)
+        self.device = device
+        self._free: int | None = None
+
+    def value(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._free is None:
+            self._free = default_budget(self.device)
+        return self._free
+
+    def fits(self, nbytes: int) -> bool:
+        if self.fixed is None and nbytes <= self._SMALL:
+            return True
+        return nbytes <= self.value()
+
+    def share(self, nbytes_each: int, most: int) -> int:
+        """How many pieces of `nbytes_each` (at most `most`, at least 1) fit the budget at once."""
+        if self.fits(nbytes_each * most):
+            return most
+        return max(1, min(most, self.value() // max(nbytes_each, 1)))

@@ -211,6 +211,18 @@ def test_mc_fisher_is_reproducible_and_unbiased() -> None:
     assert err < 0.1, err
 
 
+def test_mc_fisher_of_any_loss_is_unbiased() -> None:
+    """A loss without a likelihood to sample from: Gaussian combinations of its exact (signed)
+    columns, whose outer products average to its Hessian w.r.t. the output."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).to(f64)
+    f, params = funchess.functional(model, lambda z, t: (torch.cos(z - t) + (z - t) ** 4).sum())
+    x, y = _data(5, 3), _data(5, 2, seed=1)
+    exact = funchess.kfac(f)(params, x, y).as_matrix()
+    gen = torch.Generator().manual_seed(0)
+    mc = funchess.kfac(f, fisher_type="mc", mc_samples=4000, generator=gen)(params, x, y).as_matrix()
+    assert (mc - exact).norm() / exact.norm() < 0.1
+
+
 # ----------------------------------------------------------------------------- against curvlinops
 
 
@@ -346,21 +358,24 @@ def test_errors() -> None:
         funchess.kfac(f, mc_samples=3)
     with pytest.raises(funchess.InvalidArgumentError, match=r"reduction='sum' contradicts the loss"):
         funchess.kfac(f, fisher_type="empirical", reduction="sum")(params, x, y)
-    g, _ = funchess.functional(model, lambda z, t: ((z - t) ** 4).sum())
-    with pytest.raises(funchess.UnsupportedError, match=r"fisher_type='mc' samples labels .* MSE and cross-entropy"):
-        funchess.kfac(g, fisher_type="mc")(params, x, y)
+    with pytest.raises(funchess.StructureError, match=r"empirical Fisher needs each sample's own loss.*Pass per-sample targets"):
+        funchess.kfac(funchess.functional(model, lambda z, t: ((z - t) ** 2).sum())[0], fisher_type="empirical")(params, x, y[0])
+    coupled, _ = funchess.functional(model, lambda z, t: (z - t).sum() ** 2)
+    with pytest.raises(funchess.UnsupportedError, match=r"the loss couples the samples.*funchess\.ggn"):
+        funchess.kfac(coupled)(params, x, y)
     tied = CASES["tied"](torch.float32, "cpu")
     ft, pt = funchess.functional(tied.model, tied.loss_fn)
     with pytest.raises(funchess.UnsupportedError, match=r"'enc.weight' is shared by Embedding 'enc', Linear 'dec'"):
         funchess.kfac(ft)(pt, tied.inputs, tied.targets)
     bn = CASES["batchnorm_train"](torch.float32, "cpu")
     fb, pb = funchess.functional(bn.model, bn.loss_fn)
-    with pytest.raises(funchess.UnsupportedError, match=r"BatchNorm1d '1' in train mode.*model.eval\(\)"):
+    with pytest.raises(funchess.InvalidArgumentError, match=r"BatchNorm1d '1' in train mode.*model.eval\(\)"):
         funchess.kfac(fb)(pb, bn.inputs, bn.targets)
     drop = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
     fd, pd = funchess.functional(drop, F.mse_loss)
-    with pytest.raises(funchess.UnsupportedError, match=r"Dropout '1' \(p=0.5\) in train mode"):
+    with pytest.raises(funchess.UnsupportedError, match=r"kfac\(f\)\(params, inputs, targets\): f draws random numbers.*model.eval\(\)"):
         funchess.kfac(fd)(pd, x, y)
+    assert torch.isfinite(funchess.kfac(fd, randomness="same")(pd, x, y).as_matrix()).all()  # the recorded forward's mask
     K = funchess.kfac(f)(params, x, y)
     with pytest.raises(funchess.InvalidArgumentError, match=r"KFAC.block\('nope'\): expected one of the parameters"):
         K.block("nope")

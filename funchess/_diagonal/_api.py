@@ -16,10 +16,11 @@ from torch.func import vmap
 from .._checks import call_f, check_callable, check_chunk_size, check_primals, check_randomness, check_scalar
 from .._compose import RandomState, check_function, differentiable, random_errors, usable
 from .._errors import FunchessError, StructureError
+from .._functional import split_model
 from .._memory import parse_bytes
 from .._samples import PER_SAMPLE_FIX, Samples
 from .._tree import tree_flatten, tree_map, tree_unflatten
-from ._checks import check_samples, label, recurrent, split_model
+from ._checks import check_samples, label, recurrent
 from ._route import GGNJob, ggn_parts, structured_hessian_diagonal
 
 PyTree = Any
@@ -37,14 +38,14 @@ def ggn_job(
         "loss_fn": loss_fn, "samples": samples, "generator": generator, "chunk_size": chunk_size,
         "sample_chunk_size": sample_chunk_size, "max_memory": max_memory, "randomness": randomness,
     })
-    output, loss, checked = split_model(call, f, loss_fn)
+    output, loss, told = split_model(call, f, loss_fn)
     chunk = check_chunk_size(call, chunk_size)
     sample_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_samples(call, samples, generator)
     check_randomness(call, randomness)
     if max_memory is not None:
         parse_bytes(call, max_memory)
-    return GGNJob(call, f, output, loss, samples, generator, chunk, sample_chunk, max_memory, randomness, checked)
+    return GGNJob(call, f, output, loss, samples, generator, chunk, sample_chunk, max_memory, randomness, told)
 
 
 def ggn_diagonal(

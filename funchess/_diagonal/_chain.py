@@ -27,9 +27,9 @@ from torch.func import grad, vmap
 from torch.nn.utils import parametrize
 
 from .._functional import ModuleFunction
-from ._checks import Budget
-from ._curvature import Block, Curvature, as_factor, sample_slice
-from ._losses import output_curvature
+from .._loss_factors import output_curvature
+from .._memory import Budget
+from .._output_curvature import Block, Curvature, as_factor, sample_slice
 from ._rules_linear import ConvStep, EmbeddingStep, LinearStep
 from ._rules_nonlinear import (
     ChannelAffineStep,

@@ -12,10 +12,10 @@ from torch import Tensor
 from .._checks import check_primals
 from .._compose import check_function
 from .._errors import StructureError
+from .._output_curvature import weighted_sum
 from .._samples import Samples
 from .._tree import tree_flatten, tree_unflatten
 from ._api import ChunkSize, Randomness, at_call, ggn_job
-from ._curvature import weighted_sum
 from ._route import ggn_parts
 
 PyTree = Any

@@ -20,16 +20,16 @@ from .._checks import call_f
 from .._compat import inside_transform, vjp
 from .._compose import RandomState, differentiable, usable
 from .._errors import MemoryBudgetError
-from .._functional import ModuleFunction
-from .._memory import format_bytes
+from .._functional import ModuleFunction, check_output, checked_loss
+from .._loss_factors import output_curvature
+from .._memory import Budget, format_bytes
+from .._output_curvature import as_factor
 from .._safe_ops import SecondOrderSafe
+from .._sample_columns import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
 from .._samples import PER_SAMPLE_FIX
 from .._tree import tree_flatten, tree_map, tree_unflatten
 from ._chain import Options, build_chain, run_chain
-from ._checks import Budget, check_loss, check_output, couples_samples, recurrent
-from ._curvature import as_factor
-from ._generic import RngReplay, coupled_columns, outputs, per_sample_columns, squares, take
-from ._losses import output_curvature
+from ._checks import couples_samples, recurrent
 
 PyTree = Any
 
@@ -96,7 +96,13 @@ class GGNJob:
     sample_chunk: int | None
     max_memory: int | float | str | None
     randomness: str
-    checked_loss: Callable[..., Tensor]  # the loss as the user's call evaluates it (errors told)
+    told_loss: Callable[..., Tensor]  # the loss as the user's call evaluates it (errors told)
+
+
+def _check_loss(job: GGNJob, z: Tensor, targets: Any) -> None:
+    """The loss of the outputs, once, so that its errors (bad targets, no scalar) name the call."""
+    with torch.no_grad():
+        checked_loss(job.call, job.told_loss)(z, targets)
 
 
 def z_device(params: Any) -> torch.device:
@@ -143,7 +149,7 @@ def _per_sample_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind:
     replay = RngReplay(job.randomness != "error", leaves[0].device)
     with _guard(job, leaves[0].device, kind != "diag"):
         z = check_output(job.call, outputs(job.call, job.output, params, inputs, job.sample_chunk, job.randomness, replay))
-    check_loss(job.call, job.checked_loss, z, targets)
+    _check_loss(job, z, targets)
     B = int(z.shape[0])
     first = job.sample_chunk or B
     if kind == "diag" and not isinstance(job.f, ModuleFunction) and job.randomness == "error" and not _independent(job, params, inputs, z):
@@ -211,7 +217,7 @@ def _batch_route(job: GGNJob, params: Any, inputs: Any, targets: Any) -> PyTree:
     with _guard(job, tree_flatten(params)[0][0].device):
         z, back = call_f(job.call, vjp, lambda p: job.output(p, inputs), params)
     z = check_output(job.call, z).detach()
-    check_loss(job.call, job.checked_loss, z, targets)
+    _check_loss(job, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=False, samples=job.samples, generator=job.generator)
     if curv is None:
         cols, signs = coupled_columns(job.call, job.output, job.loss, params, inputs, targets, z, samples=job.samples, generator=job.generator, chunk=job.chunk)
@@ -234,7 +240,7 @@ def _loop_route(job: GGNJob, params: Any, inputs: Any, targets: Any, kind: str) 
     pulling back all its columns)."""
     with _guard(job, tree_flatten(params)[0][0].device, kind != "diag"):
         z = check_output(job.call, outputs(job.call, job.output, params, inputs, None, "error", RngReplay(False, z_device(params))))
-    check_loss(job.call, job.checked_loss, z, targets)
+    _check_loss(job, z, targets)
     curv = output_curvature(job.loss, z, targets, per_sample=kind != "diag", samples=job.samples, generator=job.generator)
     if curv is None:
         return _batch_route(job, params, inputs, targets), None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._compat import vjp
-from ._curvature import Block, Curvature
+from .._output_curvature import Block, Curvature
 from ._step import Scaled, Step, dense_positions
 
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from .._compat import vjp
+from .._output_curvature import Block, Curvature
 from .._safe_ops import SecondOrderSafe
-from ._curvature import Block, Curvature
 from ._step import DENSE_MAX, Scaled, Step
 
 

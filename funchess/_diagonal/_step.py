@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ._curvature import Block, Curvature, weighted_sum
+from .._output_curvature import Block, Curvature, weighted_sum
 
 #: Largest per-sample feature count for which a curvature may be held as a dense `(D, D)` matrix.
 DENSE_MAX = 512

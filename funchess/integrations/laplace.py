@@ -10,12 +10,21 @@ summed over the batch, `factor` 0.5 for regression and 1 for classification, par
 - `FunchessHessian` (`CurvatureInterface`): the exact Hessian, right where torch.func's is wrong
   (layer norm's mixed second derivatives) because it goes through `funchess.hessian`.
 
-`full` and `diag` never form laplace's dense `(batch, outputs, params)` Jacobians: they sum
-outer products / squares of per-sample rows `J_n^T s_nc` (`s_nc` the columns of the loss
-Hessian's square root, or the loss gradient for the EF), computed in chunks of samples planned
-against `max_memory`, and raise a sized `funchess.MemoryBudgetError` before allocating when even
-one sample does not fit. `kron` is `funchess.kfac` with laplace's factor layout (curvlinops's:
-`[B, A]` per weight, `[B]` per bias, exact dense blocks for 1-D parameters of other modules).
+Every method is a composition of funchess's public functions on `funchess.functional(model,
+likelihood's loss)`, so the module-aware fast routes apply where the model allows:
+
+- `diag`: `funchess.ggn_diagonal` (GGN, MC Fisher), squared `funchess.per_sample_grad` (EF),
+  `funchess.hessian_diagonal` (Hessian); laplace's dense `(batch, outputs, params)` Jacobians
+  are never formed;
+- `full`: outer products of `funchess.per_sample_ggn_factor`'s per-sample factors (GGN, MC
+  Fisher) or of per-sample gradients (EF), slices of samples at a time, or, when a FLOP estimate
+  prefers it (many outputs), `funchess.GGNOperator(...).as_matrix()`; `funchess.hessian`;
+- `kron`: `funchess.kfac` with laplace's factor layout (curvlinops's: `[B, A]` per weight, `[B]`
+  per bias, exact dense blocks for 1-D parameters of other modules);
+- `eig_lowrank`: `funchess.eigsh` on `funchess.DatasetOperator` (GGN, Hessian).
+
+Results that grow with the batch are planned against `max_memory` first: a sized
+`funchess.MemoryBudgetError` comes before anything large is allocated.
 
 Options go through `backend_kwargs`: `max_memory` (bytes or "4GiB"), `sample_chunk_size`
 (samples per vectorised pass, default planned), `chunk_size` (Hessian rows per pass,
@@ -37,11 +46,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.func import jacrev, vmap
 
 try:
     from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
@@ -52,34 +63,72 @@ except (ImportError, RuntimeError) as exc:  # RuntimeError: a CUDA torchvision n
         f"Install it with pip install 'funchess[laplace]'; if the error says 'operator "
         f"torchvision::nms does not exist', run pip uninstall torchvision (laplace does not use it)."
     ) from exc
-from torch.func import functional_call
 
 import funchess
 
-from .._compat import vjp
-from .._errors import InvalidArgumentError, UnsupportedError
-from .._ggn_factor import (
-    LossFactor,
-    check_deterministic,
-    factor_rows,
-    ggn_columns,
-    one_sample,
-    prefer_columns,
-    probe,
-)
+# Base modules, where the public API has no counterpart: `_checks` (the shared option checks, and
+# `relabel`, which tells an inner funchess call's error as the backend method's), `_memory` (the
+# backend plans its own slices of samples: budgets, the sized MemoryBudgetError, and the probe that
+# counts a sample's activations and FLOPs for the choice of route), and `_safe_ops` (per-sample
+# Jacobians are plain torch.func, which needs funchess's rerouting of fused kernels).
+from .._checks import check_chunk_size, check_count, check_generator, relabel
+from .._memory import budget_of, check_fits, default_budget, measure
+from .._safe_ops import safe_ops
 
 __all__ = ["FunchessGGN", "FunchessEF", "FunchessHessian"]
 
 _EPS = 1e-6  # eigenvalues kept by eig_lowrank, as laplace's ASDL backend does
-OutputFn = Callable[[dict[str, Tensor], Any], Tensor]
+_FIXES = "Use fewer parameters (last_layer / subnetwork), or a diagonal or Kronecker structure"
+# A vectorised pass of small products runs at a fraction of a large matrix product's FLOP rate;
+# the rows route's cost is mostly one large product, the columns route's mostly such passes
+# (calibrated on benchmarks/bench_laplace.py's problems).
+_PASS_PENALTY = 4.0
+
+
+def prefer_columns(P: int, B: int, rank: int, flops: int) -> bool:
+    """Whether the GGN's `full` by GGN-vector products with basis vectors beats summing the outer
+    products of the per-sample factors.
+
+    Rows: `B * rank` per-sample pullbacks plus `P^2 * B * rank` multiply-adds; columns: per
+    column, a forward-mode and a reverse pass over the batch (about 3 forwards each, `flops` per
+    sample forward).
+    """
+    rows = 2.0 * P * P * B * rank + 2.0 * B * rank * flops
+    columns = _PASS_PENALTY * P * B * 3.0 * flops
+    return columns < rows
+
+
+def _take(x: Any, b0: int, b1: int) -> Any:
+    """Samples `b0:b1` of a batch: a Tensor, or a dict / tuple of them (laplace's batches)."""
+    if isinstance(x, Tensor):
+        return x[b0:b1]
+    if isinstance(x, Mapping):
+        return {k: _take(v, b0, b1) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(v, b0, b1) for v in x)
+    return x
+
+
+def _per_sample_rows(tree: dict[str, Tensor]) -> Tensor:
+    """Leaves with a leading sample dimension as one `(B, P)` matrix (`funchess.ravel` order)."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tree.values()], 1)
+
+
+def _one(x: Any) -> Any:
+    """One sample (its batch dimension taken off by `vmap`) as a batch of one."""
+    if isinstance(x, Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, Mapping):
+        return {k: _one(v) for k, v in x.items()}
+    return type(x)(_one(v) for v in x)
 
 
 class _Funchess(CurvatureInterface):
     """What the three backends share: the problem (full model or last layer), the subnetwork,
-    the rows-based full / diagonal, `kron` through `funchess.kfac`, per-sample gradients and
-    `eig_lowrank`."""
+    full / diagonal / per-sample gradients / Jacobians through funchess's public functions,
+    `kron` through `funchess.kfac`, and `eig_lowrank`."""
 
-    _kind = "type-2"  # which factor of the loss: "type-2" (GGN), "mc", "empirical"
+    _kind = "type-2"  # which curvature: "type-2" (GGN), "mc" (MC Fisher), "empirical", "hessian"
 
     def __init__(
         self,
@@ -97,75 +146,59 @@ class _Funchess(CurvatureInterface):
         generator: torch.Generator | None = None,
     ) -> None:
         CurvatureInterface.__init__(self, model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self._setup(max_memory, sample_chunk_size, chunk_size, low_rank, generator)
-
-    def _setup(
-        self,
-        max_memory: int | float | str | None,
-        sample_chunk_size: int | str,
-        chunk_size: int | str,
-        low_rank: int,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.max_memory = max_memory
-        self.sample_chunk_size = sample_chunk_size
-        self.chunk_size = chunk_size
-        self.low_rank = low_rank
-        self.generator = generator
-        if sample_chunk_size != "auto" and (isinstance(sample_chunk_size, bool) or not isinstance(sample_chunk_size, int) or sample_chunk_size < 1):
-            raise InvalidArgumentError(
-                f"{self._label('__init__')}: expected sample_chunk_size to be 'auto' or a positive "
-                f"int (samples per vectorised pass), got {sample_chunk_size!r}."
-            )
-        if isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1:
-            raise InvalidArgumentError(
-                f"{self._label('__init__')}: expected low_rank to be a positive int (eigenpairs for "
-                f"eig_lowrank), got {low_rank!r}."
-            )
+        call = self._label("__init__", "model, likelihood, ...")
+        self.sample_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
+        check_chunk_size(call, chunk_size)
+        budget_of(call, max_memory)
+        self.max_memory, self.sample_chunk_size, self.chunk_size = max_memory, sample_chunk_size, chunk_size
+        self.low_rank = check_count(call, "low_rank", low_rank, 1)
+        self.generator = check_generator(call, generator)
 
     # ------------------------------------------------------------------ the problem
 
     def _label(self, method: str, args: str = "x, y") -> str:
         return f"funchess.integrations.laplace.{type(self).__name__}.{method}({args})"
 
-    def _params(self) -> dict[str, Tensor]:
-        """The trainable parameters at their current values, in `parameters_to_vector` order."""
-        return {k: v.detach() for k, v in self.params_dict.items()}
+    @contextlib.contextmanager
+    def _told(self, call: str) -> Iterator[None]:
+        """An inner funchess call's error, told as this method's (same type, its message kept)."""
+        try:
+            yield
+        except funchess.FunchessError as exc:
+            raise relabel(call, exc) from exc
 
-    def _problem(self, x: Any) -> tuple[OutputFn, Any, Tensor]:
-        """`(output_fn, inputs, z)`: `output_fn(params, inputs)` is the model's output as a function
-        of `self.params_dict`'s parameters, `z` its value. For a last-layer model the inputs are the
-        features, computed once."""
+    def _problem(self, x: Any) -> tuple[funchess.ModuleFunction, dict[str, Tensor], Any, Tensor]:
+        """`(f, params, inputs, z)`: `f(params, inputs, y)` is laplace's loss (summed over the batch)
+        as a function of `self.params_dict`'s parameters, as laplace calls the model (a dict input
+        positionally); `z` the model output. For a last-layer model `f` is the last layer's and the
+        inputs are the features, computed once."""
         with torch.no_grad():
             if self.last_layer:
-                z, phi = self.model.forward_with_features(x)  # type: ignore[operator]
-                layer = self._last()
-                return (lambda p, inp: functional_call(layer, p, (inp,))), phi.detach(), z.detach()
-            model, buffers = self.model, dict(self.model.named_buffers())
-
-            def output(p: dict[str, Tensor], inp: Any) -> Tensor:
-                return functional_call(model, (p, buffers), (inp,), strict=False)  # type: ignore[no-any-return]
-
-            return output, x, output(self._params(), x).detach()
-
-    def _last(self) -> nn.Module:
-        """The last layer of laplace's `FeatureExtractor` (last-layer Laplace)."""
-        return cast(nn.Module, self.model.last_layer)
+                z, inputs = self.model.forward_with_features(x)  # type: ignore[operator]
+                owner = cast(nn.Module, self.model.last_layer)
+            else:
+                owner, inputs = self.model, x
+        # backward hooks (BackPACK's `extend` leaves them) observe training's gradients: set aside
+        f, _ = funchess.functional(owner, self.lossfunc, dict_inputs="positional", backward_hooks="skip")
+        params = {k: v.detach() for k, v in self.params_dict.items()}
+        if not self.last_layer:
+            with torch.no_grad():
+                z = f.output(params, inputs)
+        return f, params, inputs, z.detach()
 
     def _check(self, call: str, kwargs: dict[str, Any], allowed: tuple[str, ...] = ("N",)) -> None:
         unknown = [k for k in kwargs if k not in allowed]
         if unknown:
-            raise InvalidArgumentError(
+            raise funchess.InvalidArgumentError(
                 f"{call}: got the unexpected keyword argument(s) {unknown}; this backend accepts "
                 f"{list(allowed)}. Pass funchess options through backend_kwargs (max_memory, "
                 f"sample_chunk_size, chunk_size, low_rank), and drop ASDL-specific "
                 f"asdl_fisher_kwargs."
             )
-        check_deterministic(call, self.model, "error")
 
     def _subnetwork(self, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The parameters that hold subnetwork entries (the rows are taken w.r.t. those only), and
-        the subnetwork indices moved into the flattening of just those parameters."""
+        """The parameters that hold subnetwork entries (the curvature is taken w.r.t. those only),
+        and the subnetwork indices moved into the flattening of just those parameters."""
         if self.subnetwork_indices is None:
             return params, None
         device = next(iter(params.values())).device
@@ -179,44 +212,85 @@ class _Funchess(CurvatureInterface):
         kept = {k: p for (k, p), u in zip(params.items(), used.tolist()) if u}
         return kept, idx - (ends - sizes)[which] + new_starts[which]
 
-    def _factor(self, call: str, z: Tensor, y: Tensor) -> LossFactor:
-        num = getattr(self, "num_samples", 1)
-        return LossFactor(call, self.lossfunc, z, y, kind=self._kind, mc_samples=num, generator=self.generator)
-
-    def _rows(self, call: str, what: str, x: Any, y: Tensor, output_bytes: int) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Yield `(rows, signs)` per chunk (subnetwork columns only); then the loss is `self._loss`."""
-        output_fn, inputs, z = self._problem(x)
-        params, idx = self._subnetwork(self._params())
-        factor = self._factor(call, z, y)
-        self._loss = self.lossfunc(z, y).detach()
-        for rows, signs, _ in factor_rows(
-            call, output_fn, params, inputs, factor, what=what, output_bytes=output_bytes,
-            max_memory=self.max_memory, sample_chunk_size=self.sample_chunk_size,
-        ):
-            yield rows if idx is None else rows[..., idx], signs
-
     def _size(self) -> int:
         idx = self.subnetwork_indices
         return len(idx) if idx is not None else sum(p.numel() for p in self.params_dict.values())
 
-    def _itemsize(self) -> int:
-        return next(iter(self.params_dict.values())).element_size()
+    def _slices(self, call: str, what: str, B: int, result: int, per_sample: int, device: torch.device) -> int:
+        """Samples per slice: `sample_chunk_size`, or as many as the budget holds next to the
+        result; a sized MemoryBudgetError first when not even one sample fits."""
+        budget, budget_from = budget_of(call, self.max_memory)
+        check_fits(call, what, result + per_sample, device, budget, budget_from, _FIXES)
+        if self.sample_chunk is not None:
+            return self.sample_chunk
+        limit = budget if budget is not None else default_budget(device)
+        return max(1, min(B, (limit - result) // max(per_sample, 1)))
+
+    def _probe(self, f: funchess.ModuleFunction, params: dict[str, Tensor], inputs: Any) -> tuple[int, int]:
+        """`(bytes autograd saves, FLOPs)` of one sample's forward."""
+        fresh = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        one = _take(inputs, 0, 1)
+        with safe_ops():
+            probe = measure(lambda: f.output(fresh, one))
+        return probe.saved_bytes, probe.flops
+
+    def _rows(self, call: str, what: str, x: Any, y: Tensor, entries: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """`(rows, signs)` per slice of samples: `rows` `(b, K, P)` with `curvature = sum rows_kᵀ
+        sign_k rows_k` (subnetwork columns only); `signs` `(b, K)` or None (all +1). Then the
+        loss is `self._loss`. `entries`: the size of what the caller keeps."""
+        f, params, inputs, z = self._problem(x)
+        kept, idx = self._subnetwork(params)
+        self._loss = self.lossfunc(z, y).detach()
+        B = len(y)
+        K = 1 if self._kind == "empirical" else getattr(self, "num_samples", 1) if self._kind == "mc" else z[0].numel()
+        itemsize = z.element_size()
+        act, _ = self._probe(f, kept, inputs)
+        step = self._slices(call, what, B, entries * itemsize, act + 4 * K * sum(p.numel() for p in kept.values()) * itemsize, z.device)
+        with self._told(call):
+            if self._kind == "empirical":
+                rows_of = funchess.per_sample_grad(f, sample_chunk_size=self.sample_chunk_size)  # type: ignore[arg-type]
+            else:
+                factor = funchess.per_sample_ggn_factor(
+                    f, samples=K if self._kind == "mc" else None, generator=self.generator,
+                    sample_chunk_size=self.sample_chunk_size, max_memory=self.max_memory,  # type: ignore[arg-type]
+                )
+            for b0 in range(0, B, step):
+                xs, ys = _take(inputs, b0, b0 + step), y[b0 : b0 + step]
+                if self._kind == "empirical":
+                    rows, signs = _per_sample_rows(rows_of(kept, xs, ys)).unsqueeze(1), None
+                else:
+                    V = factor(kept, xs, ys)
+                    rows, signs = V.matrix(), V.signs
+                yield (rows if idx is None else rows[..., idx]), signs
 
     # ------------------------------------------------------------------ curvature
 
     def _curvature_diagonal(self, call: str, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
-        """`(loss, diagonal)` of the GGN / MC Fisher / EF of the summed loss (before `factor`):
-        the sum of the squared rows, one chunk of samples at a time (the one place to swap in a
-        faster exact diagonal, e.g. a module-aware `funchess.ggn_diagonal`, for the GGN)."""
-        P = self._size()
-        diag: Tensor | None = None
-        what = f"the diagonal of {P:,} parameters"
-        for rows, signs in self._rows(call, what, x, y, P * self._itemsize()):
-            sq = rows.square() if signs is None else rows.square() * signs.unsqueeze(-1).to(rows.dtype)
-            piece = sq.sum((0, 1))
-            diag = piece if diag is None else diag + piece
-        assert diag is not None
-        return self._loss, diag
+        """`(loss, diagonal)` of the summed loss's curvature (before `factor`): the one place the
+        backends' diagonals are computed. GGN and MC Fisher: `funchess.ggn_diagonal` (exact,
+        module-aware where the model is a chain of known modules; an unbiased estimate with
+        `num_samples` draws for the MC Fisher); EF: the squared per-sample gradients, summed."""
+        if self._kind == "empirical":
+            diag: Tensor | None = None
+            for rows, _ in self._rows(call, f"the diagonal of {self._size():,} parameters", x, y, self._size()):
+                piece = rows.square().sum((0, 1))
+                diag = piece if diag is None else diag + piece
+            assert diag is not None
+            return self._loss, diag
+        f, params, inputs, z = self._problem(x)
+        kept, idx = self._subnetwork(params)
+        P, itemsize = sum(p.numel() for p in kept.values()), z.element_size()
+        K = getattr(self, "num_samples", 1) if self._kind == "mc" else z[0].numel()
+        budget, budget_from = budget_of(call, self.max_memory)
+        # the result, and one sample's columns (what the generic route holds at the least)
+        check_fits(call, f"the diagonal of {P:,} parameters", (1 + K) * P * itemsize, z.device, budget, budget_from, _FIXES)
+        with self._told(call):
+            d = funchess.ggn_diagonal(
+                f, samples=K if self._kind == "mc" else None, generator=self.generator, max_memory=self.max_memory,
+                sample_chunk_size=self.sample_chunk_size,  # type: ignore[arg-type]
+            )(kept, inputs, y)
+        flat = funchess.ravel(d)
+        return self.lossfunc(z, y).detach(), flat if idx is None else flat[idx]
 
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * H)`, `H` the `(P, P)` curvature of the batch's summed loss
@@ -224,16 +298,21 @@ class _Funchess(CurvatureInterface):
         call = self._label("full")
         self._check(call, kwargs)
         P = self._size()
+        what = f"the {P:,} x {P:,} matrix"
         if self._kind == "type-2":  # the GGN: by products with basis vectors when that is cheaper
-            output_fn, inputs, z = self._problem(x)
-            params, idx = self._subnetwork(self._params())
-            _, flops = probe(output_fn, params, one_sample(inputs, len(y)))
+            f, params, inputs, z = self._problem(x)
+            kept, idx = self._subnetwork(params)
+            _, flops = self._probe(f, kept, inputs)
             if prefer_columns(P, len(y), z[0].numel(), flops):
-                cols = idx if idx is not None else torch.arange(P, device=z.device)
-                G = ggn_columns(call, output_fn, params, inputs, lambda w: self.lossfunc(w, y), cols, max_memory=self.max_memory)
+                budget, budget_from = budget_of(call, self.max_memory)
+                check_fits(call, what, P * P * z.element_size(), z.device, budget, budget_from, _FIXES)
+                with self._told(call):
+                    G = funchess.GGNOperator(f, kept, inputs, y).as_matrix(max_memory=self.max_memory)
+                if idx is not None:
+                    G = G[idx][:, idx]
                 return self.factor * self.lossfunc(z, y).detach(), G.mul_(self.factor)
         H: Tensor | None = None
-        for rows, signs in self._rows(call, f"the {P:,} x {P:,} matrix", x, y, P * P * self._itemsize()):
+        for rows, signs in self._rows(call, what, x, y, P * P):
             flat = rows.reshape(-1, rows.shape[-1])
             weighted = flat if signs is None else flat * signs.reshape(-1, 1).to(flat.dtype)
             H = weighted.T @ flat if H is None else H.addmm_(weighted.T, flat)
@@ -251,39 +330,41 @@ class _Funchess(CurvatureInterface):
         """`(Js, f)`: the Jacobians `(B, C, P)` of the outputs w.r.t. the parameters (subnetwork
         columns only when set) and the outputs `(B, C)`, for laplace's GLM predictive.
 
-        One sample at a time (per-sample `vjp`s `vmap`ped over chunks of samples and the `C`
-        output directions), so the cost grows linearly with the batch (laplace's own `jacobians`
-        takes `jacrev` of the whole batch's output: every row is a backward pass of the whole
-        batch). With `enable_backprop=True` (gradients through `Js` w.r.t. the inputs) this is
-        laplace's own.
+        One sample at a time (`torch.func.jacrev` of a sample's output, `vmap`ped over slices of
+        samples), so the cost grows linearly with the batch (laplace's own `jacobians` takes
+        `jacrev` of the whole batch's output: every row is a backward pass of the whole batch).
+        With `enable_backprop=True` (gradients through `Js` w.r.t. the inputs) this is laplace's own.
         """
         if enable_backprop:
             return super().jacobians(x, enable_backprop=True)
         call = self._label("jacobians", "x")
-        check_deterministic(call, self.model, "error")
-        output_fn, inputs, z = self._problem(x)
-        params, idx = self._subnetwork(self._params())
-        factor = LossFactor(call, lambda w: w.sum(), z, None, kind="jacobian")
+        f, params, inputs, z = self._problem(x)
+        kept, idx = self._subnetwork(params)
         P, (B, C) = self._size(), (z.shape[0], z[0].numel())
-        J = torch.empty(B, C, P, dtype=z.dtype, device=z.device)
-        for rows, _, (b0, c0) in factor_rows(
-            call, output_fn, params, inputs, factor, what=f"the ({B}, {C}, {P:,}) Jacobians",
-            output_bytes=B * C * P * self._itemsize(), max_memory=self.max_memory,
-            sample_chunk_size=self.sample_chunk_size,
-        ):
-            J[b0 : b0 + rows.shape[0], c0 : c0 + rows.shape[1]] = rows if idx is None else rows[..., idx]
-        return J, z
+        act, _ = self._probe(f, kept, inputs)
+        width = sum(p.numel() for p in kept.values())
+        step = self._slices(call, f"the ({B}, {C}, {P:,}) Jacobians", B, B * C * P * z.element_size(),
+                            act + 3 * C * width * z.element_size(), z.device)
+
+        def one(p: dict[str, Tensor], xn: Any) -> Tensor:
+            return f.output(p, _one(xn))[0].reshape(C)
+
+        parts = []
+        with self._told(call), safe_ops():  # fused attention kernels have no batching rules: math forms
+            for b0 in range(0, B, step):
+                J = vmap(jacrev(one), in_dims=(None, 0))(kept, _take(inputs, b0, b0 + step))
+                rows = torch.cat([t.reshape(*t.shape[:2], -1) for t in J.values()], 2)
+                parts.append(rows if idx is None else rows[..., idx])
+        return torch.cat(parts), z.reshape(B, C)
 
     def gradients(self, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         """`(Gs, loss)`: per-sample gradients `(B, P)` of the summed loss (each sample's own loss),
         and the loss; unscaled, as laplace's. Works with dict inputs too."""
         call = self._label("gradients")
-        check_deterministic(call, self.model, "error")
         kind, self._kind = self._kind, "empirical"
         try:
             P = self._size()
-            out = len(y) * P * self._itemsize()
-            parts = [rows[:, 0] for rows, _ in self._rows(call, f"gradients of {P:,} parameters", x, y, out)]
+            parts = [rows[:, 0] for rows, _ in self._rows(call, f"gradients of {P:,} parameters", x, y, len(y) * P)]
         finally:
             self._kind = kind
         return torch.cat(parts), self._loss
@@ -294,23 +375,16 @@ class _Funchess(CurvatureInterface):
         call = self._label("kron", "x, y, N")
         self._check(call, kwargs, ("kfac_approx",))
         if self.subnetwork_indices is not None:
-            raise UnsupportedError(f"{call}: a Kronecker structure of a subnetwork is not defined; use 'full' or 'diag'.")
-        params = self._params()
-        owner = self._last() if self.last_layer else self.model
-        self._check_kron(call, owner, params)
-        with torch.no_grad():
-            if self.last_layer:
-                z, inputs = self.model.forward_with_features(x)  # type: ignore[operator]
-            else:
-                z, inputs = self.model(x), x
-        f, _ = funchess.functional(owner, self.lossfunc)
-        fisher = {"empirical": "empirical", "mc": "mc", "type-2": "type-2"}[self._kind]
-        K = funchess.kfac(
-            f, fisher_type=fisher, kfac_approx=kwargs.get("kfac_approx", "expand"),  # type: ignore[arg-type]
-            mc_samples=getattr(self, "num_samples", 1) if fisher == "mc" else 1,
-            generator=self.generator, max_memory=self.max_memory,
-        )(params, (inputs,), y)
-        kron = _laplace_kron(K, owner, params, len(y) / N) * self.factor
+            raise funchess.UnsupportedError(f"{call}: a Kronecker structure of a subnetwork is not defined; use 'full' or 'diag'.")
+        f, params, inputs, z = self._problem(x)
+        self._check_kron(call, f.model, params)
+        with self._told(call):
+            K = funchess.kfac(
+                f, fisher_type=self._kind, kfac_approx=kwargs.get("kfac_approx", "expand"),  # type: ignore[arg-type]
+                mc_samples=getattr(self, "num_samples", 1) if self._kind == "mc" else 1,
+                generator=self.generator, max_memory=self.max_memory,
+            )(params, inputs, y)
+        kron = _laplace_kron(K, f.model, params, len(y) / N) * self.factor
         return self.factor * self.lossfunc(z, y).detach(), kron
 
     @staticmethod
@@ -320,7 +394,7 @@ class _Funchess(CurvatureInterface):
             mname = name.rpartition(".")[0]
             mod = modules[mname]
             if type(mod) not in (nn.Linear, nn.Conv2d) and p.dim() >= 2:
-                raise UnsupportedError(
+                raise funchess.UnsupportedError(
                     f"{call}: parameter {name!r} of {type(mod).__name__} {mname!r} has no Kronecker "
                     f"factorisation (K-FAC covers nn.Linear and nn.Conv2d; 1-D parameters of other "
                     f"modules get their exact block), and laplace's Kron holds a {p.dim()}-D "
@@ -330,67 +404,41 @@ class _Funchess(CurvatureInterface):
 
     # ------------------------------------------------------------------ low rank
 
-    def _product(self, output_fn: OutputFn, inputs: Any, z: Tensor, y: Tensor, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        """The curvature-vector product of the summed loss on one batch (GGN here)."""
+    def _operator(self, call: str, f: funchess.ModuleFunction, params: dict[str, Tensor], batches: list[tuple[Any, Tensor]]) -> funchess.LinearOperator:
+        """The data set's curvature (of the summed loss) as an operator: the GGN's here."""
         if self._kind != "type-2":
-            raise UnsupportedError(
-                f"{self._label('eig_lowrank', 'data_loader')}: the low-rank Laplace needs a "
-                f"deterministic curvature; got the Monte-Carlo Fisher (stochastic=True). Use "
-                f"stochastic=False."
+            raise funchess.UnsupportedError(
+                f"{call}: the low-rank Laplace needs a deterministic curvature; got the Monte-Carlo "
+                f"Fisher (stochastic=True). Use stochastic=False."
             )
-
-        def output(p: dict[str, Tensor]) -> Tensor:
-            return output_fn(p, inputs)
-
-        def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            out, pull = vjp(output, params)
-            def pulled(u: Tensor) -> Any:
-                return pull(u)[0]
-
-            def loss(w: Tensor) -> Tensor:
-                return self.lossfunc(w, y)
-
-            _, push = vjp(pulled, torch.zeros_like(out))  # J v as the vjp of the linear pullback
-            (Jv,) = push(v)
-            _, hess = vjp(torch.func.grad(loss), out.detach())
-            (HJv,) = hess(Jv)
-            return pull(HJv)[0]  # type: ignore[no-any-return]
-
-        return product
+        return funchess.DatasetOperator(f, params, batches, curvature="ggn", reduction="sum")
 
     def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
         """`(eigenvectors (P, k), factor * eigenvalues (k,), factor * loss)`: the top `low_rank`
         eigenpairs (eigenvalues above 1e-6) of the data set's curvature, by `funchess.eigsh`
-        (Lanczos) on products summed over the batches; what laplace's ASDL backend returns.
+        (Lanczos) on the data set's operator; what laplace's ASDL backend returns.
 
         Note: laplace 0.3's `LowRankLaplace` refuses to start unless the old `asdfghjkl` package
         is importable, whatever the backend; call this method directly or see docs/laplace.md.
         """
         call = self._label("eig_lowrank", "data_loader")
-        check_deterministic(call, self.model, "error")
-        params = self._params()
-        device = next(iter(params.values())).device
-        batches = []
-        loss = torch.zeros((), dtype=next(iter(params.values())).dtype, device=device)
+        device = next(iter(self.params_dict.values())).device
+        batches: list[tuple[Any, Tensor]] = []
+        loss: Tensor | float = 0.0
         for data in data_loader:
             if isinstance(data, MutableMapping):
                 x, y = data, data[self.dict_key_y].to(device)
             else:
                 x, y = data[0].to(device), data[1].to(device)
-            output_fn, inputs, z = self._problem(x)
+            f, params, inputs, z = self._problem(x)
             loss = loss + self.lossfunc(z, y).detach()
-            batches.append(self._product(output_fn, inputs, z, y, params))
-
-        def mv(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            parts = [product(v) for product in batches]
-            return {k: sum(p[k] for p in parts) for k in v}  # type: ignore[misc]
-
-        op = funchess.FunctionOperator(mv, params, vectorize=False)
-        k = min(self.low_rank, op.shape[0])
-        res = funchess.eigsh(op, k=k, which="LA", generator=self.generator)
+            batches.append((inputs, y))
+        with self._told(call):
+            op = self._operator(call, f, params, batches)
+            res = funchess.eigsh(op, k=min(self.low_rank, op.shape[0]), which="LA", generator=self.generator)
         vecs = torch.stack([funchess.ravel(v) for v in res.eigenvectors], dim=1)
         keep = res.eigenvalues > _EPS
-        return vecs[:, keep], self.factor * res.eigenvalues[keep], self.factor * loss
+        return vecs[:, keep], self.factor * res.eigenvalues[keep], self.factor * cast(Tensor, loss)
 
 
 def _laplace_kron(K: funchess.KFAC, owner: nn.Module, params: dict[str, Tensor], rescale: float) -> Kron:
@@ -481,17 +529,15 @@ class FunchessEF(_Funchess, EFInterface):
 
     _kind = "empirical"
 
-    def _product(self, output_fn: OutputFn, inputs: Any, z: Tensor, y: Tensor, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        factor = LossFactor(self._label("eig_lowrank", "data_loader"), self.lossfunc, z, y, kind="empirical")
-        rows = torch.cat([r[:, 0] for r, _, _ in factor_rows(
-            self._label("eig_lowrank", "data_loader"), output_fn, params, inputs, factor,
-            what="per-sample gradients", output_bytes=0, max_memory=self.max_memory,
-        )])
+    def _operator(self, call: str, f: funchess.ModuleFunction, params: dict[str, Tensor], batches: list[tuple[Any, Tensor]]) -> funchess.LinearOperator:
+        """`sum_n g_n g_nᵀ` over the data set, from its per-sample gradients (held: `(n, P)`)."""
+        grads = funchess.per_sample_grad(f, sample_chunk_size=self.sample_chunk_size)  # type: ignore[arg-type]
+        rows = torch.cat([_per_sample_rows(grads(params, x, y)) for x, y in batches])
 
-        def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        def mv(v: dict[str, Tensor]) -> dict[str, Tensor]:
             return funchess.unravel(rows.T @ (rows @ funchess.ravel(v)), v)  # type: ignore[no-any-return]
 
-        return product
+        return funchess.FunctionOperator(mv, params, vectorize=False)
 
 
 class FunchessHessian(_Funchess):
@@ -511,43 +557,35 @@ class FunchessHessian(_Funchess):
         True
     """
 
-    def _loss_fn(self, x: Any, y: Tensor) -> tuple[Callable[[dict[str, Tensor]], Tensor], Tensor]:
-        output_fn, inputs, z = self._problem(x)
-        return (lambda p: self.lossfunc(output_fn(p, inputs), y)), self.lossfunc(z, y).detach()
+    _kind = "hessian"
 
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * H)` with `H = funchess.hessian` of the summed loss, `(P, P)`."""
         call = self._label("full")
         self._check(call, kwargs)
-        f, loss = self._loss_fn(x, y)
-        H = funchess.to_matrix(funchess.hessian(f, chunk_size=self.chunk_size, max_memory=self.max_memory)(self._params()))  # type: ignore[arg-type]
-        if self.subnetwork_indices is not None:
-            idx = self.subnetwork_indices.to(H.device)
+        f, params, inputs, z = self._problem(x)
+        kept, idx = self._subnetwork(params)
+        with self._told(call):
+            H = funchess.to_matrix(funchess.hessian(f, chunk_size=self.chunk_size, max_memory=self.max_memory)(kept, inputs, y))  # type: ignore[arg-type]
+        if idx is not None:
             H = H[idx][:, idx]
-        return self.factor * loss, self.factor * H
+        return self.factor * self.lossfunc(z, y).detach(), self.factor * H
 
-    def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """`(factor * loss, factor * diagonal)` with `funchess.hessian_diagonal` (exact, O(P) memory)."""
-        call = self._label("diag")
-        self._check(call, kwargs)
-        f, loss = self._loss_fn(x, y)
-        d = funchess.ravel(funchess.hessian_diagonal(f, chunk_size=self.chunk_size, max_memory=self.max_memory)(self._params()))  # type: ignore[arg-type]
-        idx = self.subnetwork_indices
-        return self.factor * loss, self.factor * (d if idx is None else d[idx.to(d.device)])
+    def _curvature_diagonal(self, call: str, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+        """`funchess.hessian_diagonal` of the summed loss (exact, O(P) memory; module-aware where
+        the model is a chain of known modules)."""
+        f, params, inputs, z = self._problem(x)
+        kept, idx = self._subnetwork(params)
+        with self._told(call):
+            d = funchess.ravel(funchess.hessian_diagonal(f, chunk_size=self.chunk_size, max_memory=self.max_memory)(kept, inputs, y))  # type: ignore[arg-type]
+        return self.lossfunc(z, y).detach(), d if idx is None else d[idx]
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
-        raise UnsupportedError(
+        raise funchess.UnsupportedError(
             f"{self._label('kron', 'x, y, N')}: a Kronecker-factored Hessian is not defined (K-FAC "
             f"factors the GGN or a Fisher); expected hessian_structure 'full' or 'diag' with "
             f"FunchessHessian. Use backend=FunchessGGN for 'kron'."
         )
 
-    def _product(self, output_fn: OutputFn, inputs: Any, z: Tensor, y: Tensor, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        def loss(p: dict[str, Tensor]) -> Tensor:
-            return self.lossfunc(output_fn(p, inputs), y)
-
-        def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            _, pull = vjp(torch.func.grad(loss), params)
-            return pull(v)[0]  # type: ignore[no-any-return]
-
-        return product
+    def _operator(self, call: str, f: funchess.ModuleFunction, params: dict[str, Tensor], batches: list[tuple[Any, Tensor]]) -> funchess.LinearOperator:
+        return funchess.DatasetOperator(f, params, batches, reduction="sum")

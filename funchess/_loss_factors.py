@@ -20,6 +20,12 @@ products average to `H_n`: drawn from the model's predictive distribution for cr
 from the softmax), MSE (Gaussian noise) and BCE with logits (Bernoulli labels); Rademacher-signed
 square roots of the diagonal for the other diagonal losses; Gaussian combinations of the exact
 columns for any other loss.
+
+`empirical_columns` gives the empirical Fisher's one column per sample instead: the gradient of the
+sample's own loss w.r.t. its output.
+
+Used by the module-aware diagonals (`_diagonal`), the generic columns (`_sample_columns`) and
+`funchess.kfac`; one factorisation for all of them.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
-from .._compat import vjp
-from ._curvature import Block, Curvature
+from ._compat import vjp
+from ._output_curvature import Block, Curvature
 
 _KINDS: dict[Any, str] = {
     F.cross_entropy: "ce",
@@ -278,3 +284,29 @@ def monte_carlo(
 
 def _const(B: int, k: int, value: float, like: Tensor) -> Tensor:
     return torch.full((B, k), value, dtype=like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------- the empirical Fisher
+
+
+def empirical_columns(loss_fn: Callable[..., Tensor], z: Tensor, targets: Any, reduction: str) -> Tensor | None:
+    """`(B, 1, *feat)`: `sqrt(c) g_n`, `g_n` the gradient of sample `n`'s own loss (a batch of one,
+    as in `funchess.empirical_fisher`) w.r.t. its output, and `c` 1/B for a mean-reduced loss, 1
+    for a sum: the batch's empirical Fisher is `sum_n J_nᵀ c g_n g_nᵀ J_n`. None when the targets
+    do not hold the samples along dim 0 (there is no sample's own loss)."""
+    z = z.detach()
+    B = z.shape[0]
+
+    def one(zn: Tensor, yn: Any) -> Tensor:
+        return loss_fn(zn.unsqueeze(0)) if yn is None else loss_fn(zn.unsqueeze(0), yn.unsqueeze(0))
+
+    per_sample = isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] == B
+    if targets is not None and not per_sample:
+        return None
+    try:
+        g = vmap(grad(one), in_dims=(0, 0 if per_sample else None))(z, targets)
+    except (RuntimeError, NotImplementedError):  # a loss without batching rules: one sample at a time
+        g = torch.stack([grad(one)(z[n], None if targets is None else targets[n]) for n in range(B)])
+    scale = B**-0.5 if reduction == "mean" else 1.0
+    columns: Tensor = (g * scale).unsqueeze(1)
+    return columns

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .._checks import call_f
-from .._compat import vjp
-from .._compose import RandomState
-from .._tree import tree_flatten, tree_map, tree_unflatten
-from ._curvature import as_factor, weighted_sum
-from ._losses import eigen_blocks, monte_carlo
+from ._checks import call_f
+from ._compat import vjp
+from ._compose import RandomState
+from ._loss_factors import eigen_blocks, monte_carlo
+from ._output_curvature import as_factor, weighted_sum
+from ._tree import tree_flatten, tree_map, tree_unflatten
 
 PyTree = Any
 Output = Callable[[PyTree, Any], Tensor]
