@@ -371,6 +371,9 @@ def test_errors() -> None:
     fb, pb = funchess.functional(bn.model, bn.loss_fn)
     with pytest.raises(funchess.InvalidArgumentError, match=r"BatchNorm1d '1' in train mode.*model.eval\(\)"):
         funchess.kfac(fb)(pb, bn.inputs, bn.targets)
+    fbb, _ = funchess.functional(bn.model, bn.loss_fn, batch_norm="batch")
+    with pytest.raises(funchess.UnsupportedError, match=r"BatchNorm1d '1' normalising with the batch's statistics.*model.eval\(\)"):
+        funchess.kfac(fbb)(pb, bn.inputs, bn.targets)
     drop = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
     fd, pd = funchess.functional(drop, F.mse_loss)
     with pytest.raises(funchess.UnsupportedError, match=r"kfac\(f\)\(params, inputs, targets\): f draws random numbers.*model.eval\(\)"):

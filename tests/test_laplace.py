@@ -375,6 +375,22 @@ def test_refusals_and_options() -> None:
                                FunchessGGN(model, "classification").full(x, y)[1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own backward
+def test_a_model_backpack_extended_still_works() -> None:
+    """laplace's BackPACK backends `extend` the model they see (hooks left on it); funchess's
+    backends set the backward hooks aside while they differentiate, and leave them there."""
+    from laplace.curvature import BackPackGGN
+
+    model = _model("mlp")
+    x, y = _data("mlp", "classification")
+    expected = BackPackGGN(model, "classification").diag(x, y)[1]
+    hooked = [m for m in model.modules() if m._backward_hooks]
+    ours = FunchessGGN(model, "classification")
+    torch.testing.assert_close(ours.diag(x, y)[1], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.full(x, y)[1].diagonal(), expected, rtol=1e-10, atol=1e-12)
+    assert [m for m in model.modules() if m._backward_hooks] == hooked
+
+
 def test_stochastic_ggn_is_reproducible_and_unbiased() -> None:
     model = _model("mlp")
     x, y = _data("mlp", "classification")

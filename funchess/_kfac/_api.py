@@ -188,6 +188,13 @@ def kfac(
         here = f"{call}(params, inputs, targets)"
         check_primals(here, (params,), ["params"])
         check_function(here, f)
+        coupled = f.batch_statistics()
+        if coupled is not None:  # allowed by funchess.functional(..., batch_norm="batch")
+            raise UnsupportedError(
+                f"{here}: the model has {type(coupled[1]).__name__} {coupled[0]!r} normalising with the "
+                f"batch's statistics, which couple the samples; expected running statistics (K-FAC "
+                f"sums per-sample outer products). Call model.eval()."
+            )
         if not isinstance(params, dict):
             raise InvalidArgumentError(
                 f"{here}: expected params to be a dict of Tensors keyed by parameter name, got "

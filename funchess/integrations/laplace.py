@@ -72,7 +72,7 @@ import funchess
 # counts a sample's activations and FLOPs for the choice of route), and `_safe_ops` (per-sample
 # Jacobians are plain torch.func, which needs funchess's rerouting of fused kernels).
 from .._checks import check_chunk_size, check_count, check_generator, relabel
-from .._memory import budget_of, check_fits, default_budget, measure
+from .._memory import Budget, budget_of, check_fits, measure
 from .._safe_ops import safe_ops
 
 __all__ = ["FunchessGGN", "FunchessEF", "FunchessHessian"]
@@ -129,6 +129,7 @@ class _Funchess(CurvatureInterface):
     `kron` through `funchess.kfac`, and `eig_lowrank`."""
 
     _kind = "type-2"  # which curvature: "type-2" (GGN), "mc" (MC Fisher), "empirical", "hessian"
+    _f: funchess.ModuleFunction | None = None  # the model function, made on first use
 
     def __init__(
         self,
@@ -178,8 +179,10 @@ class _Funchess(CurvatureInterface):
                 owner = cast(nn.Module, self.model.last_layer)
             else:
                 owner, inputs = self.model, x
-        # backward hooks (BackPACK's `extend` leaves them) observe training's gradients: set aside
-        f, _ = funchess.functional(owner, self.lossfunc, dict_inputs="positional", backward_hooks="skip")
+        if self._f is None or self._f.model is not owner:
+            # backward hooks (BackPACK's `extend` leaves them) observe training's gradients: set aside
+            self._f, _ = funchess.functional(owner, self.lossfunc, dict_inputs="positional", backward_hooks="skip")
+        f = self._f
         params = {k: v.detach() for k, v in self.params_dict.items()}
         if not self.last_layer:
             with torch.no_grad():
@@ -216,15 +219,23 @@ class _Funchess(CurvatureInterface):
         idx = self.subnetwork_indices
         return len(idx) if idx is not None else sum(p.numel() for p in self.params_dict.values())
 
+    def _fits(self, call: str, what: str, nbytes: int, device: torch.device) -> Budget:
+        """The budget, after a sized MemoryBudgetError if `nbytes` for `what` do not fit it (the
+        free memory is asked of the system only when `nbytes` come near it)."""
+        budget = Budget(call, self.max_memory, device)
+        if not budget.fits(nbytes):
+            check_fits(call, what, nbytes, device, *budget_of(call, self.max_memory), _FIXES)
+        return budget
+
     def _slices(self, call: str, what: str, B: int, result: int, per_sample: int, device: torch.device) -> int:
         """Samples per slice: `sample_chunk_size`, or as many as the budget holds next to the
         result; a sized MemoryBudgetError first when not even one sample fits."""
-        budget, budget_from = budget_of(call, self.max_memory)
-        check_fits(call, what, result + per_sample, device, budget, budget_from, _FIXES)
+        budget = self._fits(call, what, result + per_sample, device)
         if self.sample_chunk is not None:
             return self.sample_chunk
-        limit = budget if budget is not None else default_budget(device)
-        return max(1, min(B, (limit - result) // max(per_sample, 1)))
+        if budget.fits(result + B * per_sample):
+            return B
+        return max(1, min(B, (budget.value() - result) // max(per_sample, 1)))
 
     def _probe(self, f: funchess.ModuleFunction, params: dict[str, Tensor], inputs: Any) -> tuple[int, int]:
         """`(bytes autograd saves, FLOPs)` of one sample's forward."""
@@ -281,9 +292,8 @@ class _Funchess(CurvatureInterface):
         kept, idx = self._subnetwork(params)
         P, itemsize = sum(p.numel() for p in kept.values()), z.element_size()
         K = getattr(self, "num_samples", 1) if self._kind == "mc" else z[0].numel()
-        budget, budget_from = budget_of(call, self.max_memory)
         # the result, and one sample's columns (what the generic route holds at the least)
-        check_fits(call, f"the diagonal of {P:,} parameters", (1 + K) * P * itemsize, z.device, budget, budget_from, _FIXES)
+        self._fits(call, f"the diagonal of {P:,} parameters", (1 + K) * P * itemsize, z.device)
         with self._told(call):
             d = funchess.ggn_diagonal(
                 f, samples=K if self._kind == "mc" else None, generator=self.generator, max_memory=self.max_memory,
@@ -304,8 +314,7 @@ class _Funchess(CurvatureInterface):
             kept, idx = self._subnetwork(params)
             _, flops = self._probe(f, kept, inputs)
             if prefer_columns(P, len(y), z[0].numel(), flops):
-                budget, budget_from = budget_of(call, self.max_memory)
-                check_fits(call, what, P * P * z.element_size(), z.device, budget, budget_from, _FIXES)
+                self._fits(call, what, P * P * z.element_size(), z.device)
                 with self._told(call):
                     G = funchess.GGNOperator(f, kept, inputs, y).as_matrix(max_memory=self.max_memory)
                 if idx is not None:
