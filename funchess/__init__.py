@@ -77,7 +77,7 @@ from ._tree import ravel as ravel
 from ._tree import to_matrix as to_matrix
 from ._tree import unravel as unravel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FunchessError",
