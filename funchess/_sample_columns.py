@@ -63,10 +63,12 @@ class RngReplay:
 
 
 def take(tree: PyTree, b0: int, b1: int) -> PyTree:
+    """Samples `b0:b1` of every Tensor of a batch."""
     return tree_map(lambda t: t[b0:b1], tree)
 
 
-def _one(tree: PyTree) -> PyTree:
+def batch_of_one(tree: PyTree) -> PyTree:
+    """One sample (its batch dimension taken off by `vmap`) as a batch of one."""
     return tree_map(lambda t: t.unsqueeze(0), tree)
 
 
@@ -87,7 +89,7 @@ def outputs(call: str, output: Output, params: PyTree, inputs: Any, chunk: int |
         replay.save(b0)
         xs = take(inputs, b0, min(B, b0 + chunk))
         with torch.no_grad():
-            parts.append(vmap(lambda xn: output(params, _one(xn))[0], randomness=randomness)(xs))
+            parts.append(vmap(lambda xn: output(params, batch_of_one(xn))[0], randomness=randomness)(xs))
     return torch.cat(parts)
 
 
@@ -113,7 +115,7 @@ def per_sample_columns(
     B = S.shape[0]
 
     def one(xn: Any, Sn: Tensor) -> Any:
-        _, back = vjp(lambda p: output(p, _one(xn)), params)
+        _, back = vjp(lambda p: output(p, batch_of_one(xn)), params)
         return vmap(lambda s: back(s.unsqueeze(0))[0], chunk_size=chunk)(Sn)
 
     run = vmap(one, randomness=randomness)

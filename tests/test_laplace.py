@@ -267,6 +267,26 @@ def test_hessian_backend_equals_oracle(name: str) -> None:
     torch.testing.assert_close(backend.diag(case.inputs, case.targets)[1], expected.diagonal(), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("which", ["ggn", "ef", "hessian"])
+def test_methods_work_under_no_grad_and_inference_mode(which: str, mode: str) -> None:
+    """laplace may call a backend where autograd is off; the results are those outside."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(f64)
+    x, y = _data("mlp", "classification")
+    backend = OURS[which](model, "classification")
+    methods: dict[str, Callable[..., Any]] = {
+        "full": lambda x, y: backend.full(x, y)[1], "diag": lambda x, y: backend.diag(x, y)[1],
+        "gradients": lambda x, y: backend.gradients(x, y)[0], "jacobians": lambda x, y: backend.jacobians(x)[0],
+    }
+    if which != "hessian":
+        methods["kron"] = lambda x, y: backend.kron(x, y, N=7)[1].to_matrix()
+    plain = {name: fn(x, y) for name, fn in methods.items()}
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        inside = {name: fn(x.clone(), y.clone()) for name, fn in methods.items()}
+    for name in methods:
+        torch.testing.assert_close(inside[name], plain[name], rtol=1e-12, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- dict inputs
 
 

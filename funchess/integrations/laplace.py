@@ -47,8 +47,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any, cast
+import functools
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -67,13 +68,17 @@ except (ImportError, RuntimeError) as exc:  # RuntimeError: a CUDA torchvision n
 import funchess
 
 # Base modules, where the public API has no counterpart: `_checks` (the shared option checks, and
-# `relabel`, which tells an inner funchess call's error as the backend method's), `_memory` (the
+# `relabel`, which tells an inner funchess call's error as the backend method's), `_compose` (the
+# one rule that every entry works under torch.no_grad() and torch.inference_mode()), `_memory` (the
 # backend plans its own slices of samples: budgets, the sized MemoryBudgetError, and the probe that
-# counts a sample's activations and FLOPs for the choice of route), and `_safe_ops` (per-sample
-# Jacobians are plain torch.func, which needs funchess's rerouting of fused kernels).
+# counts a sample's activations and FLOPs for the choice of route), `_safe_ops` (per-sample
+# Jacobians are plain torch.func, which needs funchess's rerouting of fused kernels) and
+# `_sample_columns` (slices of a batch and batches of one, as funchess's per-sample passes take them).
 from .._checks import check_chunk_size, check_count, check_generator, relabel
+from .._compose import differentiable, usable
 from .._memory import Budget, budget_of, check_fits, measure
 from .._safe_ops import safe_ops
+from .._sample_columns import batch_of_one, take
 
 __all__ = ["FunchessGGN", "FunchessEF", "FunchessHessian"]
 
@@ -98,29 +103,24 @@ def prefer_columns(P: int, B: int, rank: int, flops: int) -> bool:
     return columns < rows
 
 
-def _take(x: Any, b0: int, b1: int) -> Any:
-    """Samples `b0:b1` of a batch: a Tensor, or a dict / tuple of them (laplace's batches)."""
-    if isinstance(x, Tensor):
-        return x[b0:b1]
-    if isinstance(x, Mapping):
-        return {k: _take(v, b0, b1) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, b0, b1) for v in x)
-    return x
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _entry(method: _Method) -> _Method:
+    """A backend method that works under `torch.no_grad()` and `torch.inference_mode()` (laplace
+    may call it there): inference mode left, inference tensors among the arguments copied."""
+
+    @functools.wraps(method)
+    def entry(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with differentiable():
+            return method(self, *usable(args), **kwargs)
+
+    return cast(_Method, entry)
 
 
 def _per_sample_rows(tree: dict[str, Tensor]) -> Tensor:
     """Leaves with a leading sample dimension as one `(B, P)` matrix (`funchess.ravel` order)."""
     return torch.cat([t.reshape(t.shape[0], -1) for t in tree.values()], 1)
-
-
-def _one(x: Any) -> Any:
-    """One sample (its batch dimension taken off by `vmap`) as a batch of one."""
-    if isinstance(x, Tensor):
-        return x.unsqueeze(0)
-    if isinstance(x, Mapping):
-        return {k: _one(v) for k, v in x.items()}
-    return type(x)(_one(v) for v in x)
 
 
 class _Funchess(CurvatureInterface):
@@ -240,7 +240,7 @@ class _Funchess(CurvatureInterface):
     def _probe(self, f: funchess.ModuleFunction, params: dict[str, Tensor], inputs: Any) -> tuple[int, int]:
         """`(bytes autograd saves, FLOPs)` of one sample's forward."""
         fresh = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        one = _take(inputs, 0, 1)
+        one = take(inputs, 0, 1)
         with safe_ops():
             probe = measure(lambda: f.output(fresh, one))
         return probe.saved_bytes, probe.flops
@@ -266,7 +266,7 @@ class _Funchess(CurvatureInterface):
                     sample_chunk_size=self.sample_chunk_size, max_memory=self.max_memory,  # type: ignore[arg-type]
                 )
             for b0 in range(0, B, step):
-                xs, ys = _take(inputs, b0, b0 + step), y[b0 : b0 + step]
+                xs, ys = take(inputs, b0, b0 + step), y[b0 : b0 + step]
                 if self._kind == "empirical":
                     rows, signs = _per_sample_rows(rows_of(kept, xs, ys)).unsqueeze(1), None
                 else:
@@ -302,6 +302,7 @@ class _Funchess(CurvatureInterface):
         flat = funchess.ravel(d)
         return self.lossfunc(z, y).detach(), flat if idx is None else flat[idx]
 
+    @_entry
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * H)`, `H` the `(P, P)` curvature of the batch's summed loss
         (restricted to the subnetwork when `subnetwork_indices` is set)."""
@@ -328,6 +329,7 @@ class _Funchess(CurvatureInterface):
         assert H is not None
         return self.factor * self._loss, H.mul_(self.factor)
 
+    @_entry
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * diagonal)`, `(P,)`, without (batch, outputs, params) Jacobians."""
         call = self._label("diag")
@@ -335,6 +337,7 @@ class _Funchess(CurvatureInterface):
         loss, d = self._curvature_diagonal(call, x, y)
         return self.factor * loss, self.factor * d
 
+    @_entry
     def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """`(Js, f)`: the Jacobians `(B, C, P)` of the outputs w.r.t. the parameters (subnetwork
         columns only when set) and the outputs `(B, C)`, for laplace's GLM predictive.
@@ -356,16 +359,17 @@ class _Funchess(CurvatureInterface):
                             act + 3 * C * width * z.element_size(), z.device)
 
         def one(p: dict[str, Tensor], xn: Any) -> Tensor:
-            return f.output(p, _one(xn))[0].reshape(C)
+            return f.output(p, batch_of_one(xn))[0].reshape(C)
 
         parts = []
         with self._told(call), safe_ops():  # fused attention kernels have no batching rules: math forms
             for b0 in range(0, B, step):
-                J = vmap(jacrev(one), in_dims=(None, 0))(kept, _take(inputs, b0, b0 + step))
+                J = vmap(jacrev(one), in_dims=(None, 0))(kept, take(inputs, b0, b0 + step))
                 rows = torch.cat([t.reshape(*t.shape[:2], -1) for t in J.values()], 2)
                 parts.append(rows if idx is None else rows[..., idx])
         return torch.cat(parts), z.reshape(B, C)
 
+    @_entry
     def gradients(self, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         """`(Gs, loss)`: per-sample gradients `(B, P)` of the summed loss (each sample's own loss),
         and the loss; unscaled, as laplace's. Works with dict inputs too."""
@@ -378,6 +382,7 @@ class _Funchess(CurvatureInterface):
             self._kind = kind
         return torch.cat(parts), self._loss
 
+    @_entry
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """`(factor * loss, Kron)`: `funchess.kfac` in laplace's layout, rescaled like its
         curvlinops backend (input covariances by `len(y) / N`, all factors by `factor`)."""
@@ -422,6 +427,7 @@ class _Funchess(CurvatureInterface):
             )
         return funchess.DatasetOperator(f, params, batches, curvature="ggn", reduction="sum")
 
+    @_entry
     def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
         """`(eigenvectors (P, k), factor * eigenvalues (k,), factor * loss)`: the top `low_rank`
         eigenpairs (eigenvalues above 1e-6) of the data set's curvature, by `funchess.eigsh`
@@ -568,6 +574,7 @@ class FunchessHessian(_Funchess):
 
     _kind = "hessian"
 
+    @_entry
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """`(factor * loss, factor * H)` with `H = funchess.hessian` of the summed loss, `(P, P)`."""
         call = self._label("full")
