@@ -290,8 +290,13 @@ class Budget:
 
     def __init__(self, call: str, max_memory: int | float | str | None, device: torch.device) -> None:
         self.fixed = None if max_memory is None else parse_bytes(call, max_memory)
-        self.device = device
+        self.call, self.max_memory, self.device = call, max_memory, device
         self._free: int | None = None
+
+    def require(self, what: str, nbytes: int, fixes: str) -> None:
+        """`check_fits`, asking the system for its free memory only when `nbytes` come near it."""
+        if not self.fits(nbytes):
+            check_fits(self.call, what, nbytes, self.device, *budget_of(self.call, self.max_memory), fixes)
 
     def value(self) -> int:
         if self.fixed is not None:

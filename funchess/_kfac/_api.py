@@ -48,7 +48,7 @@ from .._compose import RandomState, check_function, differentiable, random_error
 from .._errors import InvalidArgumentError, StructureError, UnsupportedError
 from .._functional import ModuleFunction, check_output, checked_loss, split_model
 from .._loss_factors import empirical_columns, output_curvature, recognise
-from .._memory import Budget, budget_of, check_fits
+from .._memory import Budget, budget_of
 from .._output_curvature import as_factor
 from .._safe_ops import safe_ops
 from .._sample_columns import RngReplay, per_sample_columns
@@ -317,16 +317,14 @@ def _exact_blocks(
     sizes = [p.numel() for p in params.values()]
     dtype, device = S.dtype, S.device
     itemsize = torch.finfo(dtype).bits // 8
-    check_fits(here, f"the exact blocks of {len(params)} parameter(s)", sum(n * n for n in sizes) * itemsize, device,
-               *budget_of(here, job.max_memory), _FIXES)
+    budget.require(f"the exact blocks of {len(params)} parameter(s)", sum(n * n for n in sizes) * itemsize, _FIXES)
     blocks = [torch.zeros(n, n, dtype=dtype, device=device) for n in sizes]
     K = int(S.shape[1])
     one = 4 * K * sum(sizes) * itemsize  # one sample's rows, and a pass's working set
-    inner = "error" if job.randomness == "error" else job.randomness
     with safe_ops(), random_errors(here):
         for b0, b1, cols in per_sample_columns(
             here, job.output, params, inputs, S, sample_chunk=budget.share(one, int(S.shape[0])), chunk=None,
-            randomness=inner, replay=RngReplay(False, device),
+            randomness=job.randomness, replay=RngReplay(False, device),
         ):
             for block, leaf in zip(blocks, tree_flatten(cols)[0]):
                 rows = leaf.reshape(-1, block.shape[0]).to(dtype)

@@ -76,7 +76,7 @@ import funchess
 # `_sample_columns` (slices of a batch and batches of one, as funchess's per-sample passes take them).
 from .._checks import check_chunk_size, check_count, check_generator, relabel
 from .._compose import differentiable, usable
-from .._memory import Budget, budget_of, check_fits, measure
+from .._memory import Budget, budget_of, measure
 from .._safe_ops import safe_ops
 from .._sample_columns import batch_of_one, take
 
@@ -220,11 +220,9 @@ class _Funchess(CurvatureInterface):
         return len(idx) if idx is not None else sum(p.numel() for p in self.params_dict.values())
 
     def _fits(self, call: str, what: str, nbytes: int, device: torch.device) -> Budget:
-        """The budget, after a sized MemoryBudgetError if `nbytes` for `what` do not fit it (the
-        free memory is asked of the system only when `nbytes` come near it)."""
+        """The budget, after a sized MemoryBudgetError if `nbytes` for `what` do not fit it."""
         budget = Budget(call, self.max_memory, device)
-        if not budget.fits(nbytes):
-            check_fits(call, what, nbytes, device, *budget_of(call, self.max_memory), _FIXES)
+        budget.require(what, nbytes, _FIXES)
         return budget
 
     def _slices(self, call: str, what: str, B: int, result: int, per_sample: int, device: torch.device) -> int:
