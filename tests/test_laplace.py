@@ -147,6 +147,30 @@ def test_full_ggn_routes_agree(route: str, sub: bool, monkeypatch: pytest.Monkey
             FunchessGGN(_model("mlp"), "classification", max_memory="1KiB").full(*_data("mlp", "classification"))
 
 
+def test_diagonals_take_the_module_aware_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a chain of known modules the GGN's and the Hessian's diagonal (and the GGN's per-sample
+    factors behind `full`) come from the module-aware sweep, not per-sample autodiff."""
+    import funchess._diagonal._route as route
+
+    swept: list[bool] = []
+    real = route.run_chain
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        swept.append(out is not None)  # None: the sweep declined and the generic route ran
+        return out
+
+    monkeypatch.setattr(route, "run_chain", spy)
+    model = _model("conv")
+    x, y = _data("conv", "classification")
+    for backend in (FunchessGGN(model, "classification"), FunchessHessian(model, "classification"),
+                    FunchessGGN(model, "classification", subnetwork_indices=torch.LongTensor([3, 40]))):
+        backend.diag(x, y)
+    monkeypatch.setattr(funchess.integrations.laplace, "prefer_columns", lambda *args: False)
+    FunchessGGN(model, "classification").full(x, y)
+    assert swept == [True] * 4
+
+
 def test_route_choice() -> None:
     from funchess.integrations.laplace import prefer_columns
 
