@@ -18,7 +18,7 @@ product, so the operator is one fixed linear map (as `eigsh` and `cg` need).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -37,18 +37,21 @@ from ._checks import (
     check_randomness,
     check_reduction,
 )
-from ._compose import RandomState, check_function, usable
+from ._compat import inside_transform
+from ._compose import RandomState, check_function, differentiable, usable
 from ._dataset import DATA_RANDOMNESS, DatasetProducts
-from ._errors import InvalidArgumentError
-from ._ggn import ggn_vp
+from ._errors import FunchessError, InvalidArgumentError
+from ._ggn import ggn_vp, split_loss
 from ._hvp import hvp
-from ._memory import default_chunk
+from ._linearisation import BATCHINGS, GGNAt, HessianAt, Reroute, plain_autograd_ok
+from ._memory import budget_of, default_budget, default_chunk
 from ._operator import FunctionOperator
-from ._tree import chunks, tree_flatten, unravel
+from ._tree import chunks, offsets, tree_flatten, unravel
 
 __all__ = ["HessianOperator", "GGNOperator", "DatasetOperator"]
 
 PyTree = Any
+Reuse = Union[bool, Literal["auto"]]  # noqa: UP007 (a runtime alias on Python 3.10)
 _OPERATOR_RANDOMNESS: tuple[str, ...] = ("error", "same")
 
 
@@ -62,20 +65,144 @@ def _refuse_loader(call: str, data: tuple[Any, ...]) -> None:
             )
 
 
+def _check_reuse(call: str, reuse: Any, mode: str = "auto") -> None:
+    if not (reuse is True or reuse is False or (isinstance(reuse, str) and reuse == "auto")):
+        raise InvalidArgumentError(
+            f"{call}: expected reuse to be True, False or 'auto', got {reuse!r}. Keep 'auto' (the "
+            f"linearisation is kept while it fits the memory budget), or pass False for fresh "
+            f"products."
+        )
+    if reuse is True and mode == "fwd-rev":
+        raise InvalidArgumentError(
+            f"{call}: reuse=True keeps the reverse-mode linearisation (the gradient's graph), which "
+            f"mode='fwd-rev' does not build; expected mode 'auto' or 'rev-rev'. Drop reuse=True, "
+            f"or pass mode='rev-rev'."
+        )
+
+
 class _Replayed:
     """A product function that restores the generators to their state at construction before each
     call (randomness="same"), so every product sees the same random numbers."""
 
-    def __init__(self, fn: Callable[[PyTree], PyTree], device: torch.device) -> None:
-        self.fn, self.rng = fn, RandomState(device)
-        self.rng.save()
+    def __init__(self, fn: Callable[[PyTree], PyTree], rng: RandomState) -> None:
+        self.fn, self.rng = fn, rng
 
     def __call__(self, v: PyTree) -> PyTree:
         self.rng.replay()
         return self.fn(v)
 
 
-class HessianOperator(FunctionOperator):
+Linearisation = HessianAt | GGNAt
+
+
+class _Kept:
+    """An operator's products through one linearisation (`funchess/_linearisation.py`): built at
+    the first product made outside torch.func transforms, then every product is backward passes
+    of it. With reuse="auto" it is kept when the storages its graph holds (counted once, after
+    building it) fit half the memory budget, since they stay allocated between products; with
+    reuse=True always; otherwise, or when building or differentiating it fails (e.g. an operator
+    without a double-backward rule), products are the fresh ones (`fresh`).
+
+    Holds no reference to the operator, so the graph is freed with the operator."""
+
+    def __init__(
+        self, call: str, build: Callable[[Reroute, Callable[[], None]], Linearisation],
+        fresh: Callable[[PyTree], PyTree], params: PyTree, reuse: Any, budget: int | None, rng: RandomState,
+        randomness: str,
+    ) -> None:
+        self.call, self.build, self.fresh = call, build, fresh
+        self.leaves, self.spec = tree_flatten(params)
+        self.reuse, self.budget, self.rng, self.randomness = reuse, budget, rng, randomness
+        self.lin: Linearisation | None = None
+        self.off = reuse is False
+        self.batchings = list(BATCHINGS)  # how k products go at once; one that fails is dropped
+
+    def _linearised(self) -> Linearisation | None:
+        """The linearisation, built on the first call that can build it; None for fresh products."""
+        if self.lin is not None or self.off or not plain_autograd_ok(self.leaves):
+            return self.lin
+        before = self.rng.snapshot()
+        self.rng.replay()  # randomness="same": the draws of the operator's construction
+        try:
+            with differentiable():
+                lin = self.build(Reroute(), self.rng.replay)
+        except FunchessError:
+            raise
+        except (RuntimeError, NotImplementedError):
+            self.off = True  # the fresh products say what went wrong (or fall back to another mode)
+            return None
+        finally:
+            if self.randomness == "error":
+                self.rng.refuse_draws(self.call, before)
+        if self.reuse == "auto":
+            budget = self.budget if self.budget is not None else default_budget(self.leaves[0].device)
+            if lin.kept_bytes() > budget // 2:  # it would stay allocated between products
+                self.off = True
+                return None
+        self.lin = lin
+        return lin
+
+    def mv(self, v: PyTree) -> PyTree:
+        lin = self._linearised()
+        if lin is not None:
+            try:
+                return self.spec.unflatten(lin.mv(self.spec.flatten_up_to(v)))
+            except (RuntimeError, NotImplementedError):
+                if not inside_transform():  # e.g. no double-backward rule: fresh products from now on
+                    self.lin, self.off = None, True
+        return self.fresh(v)
+
+    def mm(self, Vs: list[Tensor]) -> list[Tensor] | None:
+        """Products with `k` vectors (leaves `(k, *shape)`), or None when they are fresh ones."""
+        lin = self._linearised()
+        if lin is None:
+            return None
+        try:
+            if Vs[0].shape[0] == 1:  # one vector: no batching to pay for
+                return [t.unsqueeze(0) for t in lin.mv([V[0] for V in Vs])]
+            while self.batchings:
+                try:
+                    return lin.mm(Vs, self.batchings[0])
+                except (RuntimeError, NotImplementedError):
+                    self.batchings.pop(0)  # a backward without a batching rule: the next way
+            outs = [lin.mv([V[i] for V in Vs]) for i in range(Vs[0].shape[0])]
+            return [torch.stack(leaf) for leaf in zip(*outs)]
+        except (RuntimeError, NotImplementedError):
+            self.lin, self.off = None, True
+            return None
+
+
+class _CurvatureOperator(FunctionOperator):
+    """A `FunctionOperator` whose products go through a `_Kept` linearisation where it can."""
+
+    _kept: _Kept
+
+    def _mm(self, rows: Tensor) -> Tensor:
+        if inside_transform() or not rows.shape[0]:
+            return super()._mm(rows)
+        k, n = rows.shape
+        pieces = []
+        for s, e in chunks(k, self.chunk_size or default_chunk(k, n)):
+            V = [rows[s:e, a:b].reshape(e - s, *leaf.shape).to(leaf.dtype) for leaf, a, b in self._slices]
+            got = self._kept.mm(V)
+            if got is None:
+                return super()._mm(rows)
+            pieces.append(torch.cat([t.reshape(e - s, -1) for t in got], 1).to(self.dtype))
+        return torch.cat(pieces)
+
+    @property
+    def _slices(self) -> list[tuple[Tensor, int, int]]:
+        """Each leaf of the structure with its columns `a:b` in a raveled vector."""
+        off = offsets([leaf.shape for leaf in self._leaves])
+        return [(leaf, off[i], off[i + 1]) for i, leaf in enumerate(self._leaves)]
+
+    @property
+    def reused(self) -> bool:
+        """Whether products go through the kept linearisation (False before the first product)."""
+        return self._kept.lin is not None
+
+
+class HessianOperator(_CurvatureOperator):
     """The Hessian of `f(params, *data)` w.r.t. `params`, as a matrix-free operator.
 
     Each product is one `funchess.hvp` (reverse-over-reverse by default: `vjp` of the gradient,
@@ -119,25 +246,42 @@ class HessianOperator(FunctionOperator):
         mode: Mode = "auto",
         chunk_size: ChunkSize = "auto",
         randomness: str = "error",
+        reuse: Reuse = "auto",
+        max_memory: int | float | str | None = None,
     ) -> None:
-        call = call_label("HessianOperator", {"mode": mode, "chunk_size": chunk_size, "randomness": randomness},
-                          first="f, params, *data")
+        call = call_label("HessianOperator", {"mode": mode, "chunk_size": chunk_size, "randomness": randomness,
+                                              "reuse": reuse, "max_memory": max_memory}, first="f, params, *data")
         check_callable(call, f)
         check_mode(call, mode)
         check_chunk_size(call, chunk_size)
         check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
+        _check_reuse(call, reuse, mode)
+        budget, _ = budget_of(call, max_memory)
         check_primals(call, (params,), ["params"])
         check_function(call, f)
         _refuse_loader(call, data)
         params, data = usable(params), usable(data)
         self.f, self.params, self.data, self.mode, self.randomness = f, params, data, mode, randomness
         product = hvp(f, mode=mode, randomness=randomness)
+        rng = RandomState(tree_flatten(params)[0][0].device)
+        if randomness != "error":
+            rng.save()  # the draws every product replays
 
         def mv(v: PyTree) -> PyTree:
             return product(params, v, *data)
 
-        fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
-        super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        leaves, spec = tree_flatten(params)
+
+        def h(p: PyTree) -> Any:
+            return f(p, *data)
+
+        def build(reroute: Reroute, rewind: Callable[[], None]) -> Linearisation:
+            return HessianAt(f"{call} @ v", h, leaves, spec.unflatten, reroute=reroute, rewind=rewind)
+
+        fresh = _Replayed(mv, rng) if randomness != "error" else mv
+        self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
+        self._kept.off = self._kept.off or mode == "fwd-rev"  # forward mode keeps no reverse graph
+        super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -145,7 +289,7 @@ class HessianOperator(FunctionOperator):
         return self.data
 
 
-class GGNOperator(FunctionOperator):
+class GGNOperator(_CurvatureOperator):
     """The generalised Gauss-Newton matrix `Jᵀ H_z J` of one batch, as a matrix-free operator.
 
     Each product is one `funchess.ggn_vp` (one forward and two backward passes, no forward-mode
@@ -180,22 +324,38 @@ class GGNOperator(FunctionOperator):
         loss_fn: Callable[..., Tensor] | None = None,
         chunk_size: ChunkSize = "auto",
         randomness: Any = "error",
+        reuse: Reuse = "auto",
+        max_memory: int | float | str | None = None,
     ) -> None:
-        call = call_label("GGNOperator", {"loss_fn": loss_fn, "chunk_size": chunk_size, "randomness": randomness},
-                          first="f, params, inputs, targets")
+        call = call_label("GGNOperator", {"loss_fn": loss_fn, "chunk_size": chunk_size, "randomness": randomness,
+                                          "reuse": reuse, "max_memory": max_memory}, first="f, params, inputs, targets")
         check_chunk_size(call, chunk_size)
         check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
+        _check_reuse(call, reuse)
+        budget, _ = budget_of(call, max_memory)
         check_primals(call, (params,), ["params"])
         _refuse_loader(call, (inputs, targets))
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
         product = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
+        output, loss = split_loss(call, f, loss_fn)
         self.f, self.params, self.inputs, self.targets = f, params, inputs, targets
+        rng = RandomState(tree_flatten(params)[0][0].device)
+        if randomness != "error":
+            rng.save()
 
         def mv(v: PyTree) -> PyTree:
             return product(params, v, inputs, targets)
 
-        fn = _Replayed(mv, tree_flatten(params)[0][0].device) if randomness != "error" else mv
-        super().__init__(fn, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        leaves, spec = tree_flatten(params)
+
+        def build(reroute: Reroute, rewind: Callable[[], None]) -> Linearisation:
+            check_function(call, f)
+            return GGNAt(f"{call} @ v", lambda p: output(p, inputs), lambda z: loss(z, targets), leaves, spec.unflatten,
+                         reroute=reroute, rewind=rewind)
+
+        fresh = _Replayed(mv, rng) if randomness != "error" else mv
+        self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
+        super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
 
 
 class DatasetOperator(FunctionOperator):

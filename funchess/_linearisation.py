@@ -11,9 +11,8 @@ three backward passes and no forward.
 Both work by plain autograd (`torch.autograd.grad`) on detached copies of the point's leaves, so
 they are built outside torch.func transforms, at a point no outer graph tracks
 (`plain_autograd_ok`). Products work under `torch.func.vmap` over the vector (torch.func batches
-the backward of a graph built outside it); `batched` products take `k` vectors at once, by that
-`vmap` or by autograd's own `is_grads_batched` (better for convolutions, whose batched backward
-kernels are slow). The graph lives as long as the object: drop it (`del`) to free the memory.
+the backward of a graph built outside it); `mm` takes `k` vectors at once, by autograd's own
+`is_grads_batched` or by that `vmap`. The graph lives as long as the object: drop it (`del`) to free the memory.
 
 `Reroute` decides whether a forward needs funchess's operator rerouting (`_safe_ops.py`) without
 paying its Python call per operator on every call: the first forward runs under the rerouting and
@@ -43,7 +42,7 @@ PyTree = Any
 #: attention, fused recurrent layers). A superset is harmless: the forward is redone under the
 #: rerouting, which reroutes only what it knows.
 _REROUTED = re.compile(r"LayerNorm|BatchNorm|Attention|Rnn")
-_NODE_KINDS: dict[type, bool] = {}
+_NODE_KINDS: dict[tuple[re.Pattern[str], type], bool] = {}
 
 
 def plain_autograd_ok(leaves: Sequence[Any]) -> bool:
@@ -53,17 +52,17 @@ def plain_autograd_ok(leaves: Sequence[Any]) -> bool:
     return not inside_transform() and all(isinstance(t, Tensor) and not t.requires_grad for t in leaves)
 
 
-def meets_rerouted(roots: Sequence[Any]) -> bool:
-    """Whether the autograd graph behind `roots` holds a kernel of an operator `_safe_ops` reroutes."""
+def graph_has(roots: Sequence[Any], pattern: re.Pattern[str]) -> bool:
+    """Whether the autograd graph behind `roots` holds a node whose type name matches `pattern`."""
     stack = [t.grad_fn for t in roots if isinstance(t, Tensor) and t.grad_fn is not None]
     seen: set[Any] = set(stack)
     kinds = _NODE_KINDS
     while stack:
         node = stack.pop()
-        kind = type(node)
-        hit = kinds.get(kind)
+        key = (pattern, type(node))
+        hit = kinds.get(key)
         if hit is None:
-            hit = kinds[kind] = bool(_REROUTED.search(kind.__name__))
+            hit = kinds[key] = bool(pattern.search(type(node).__name__))
         if hit:
             return True
         for nxt, _ in node.next_functions:
@@ -71,6 +70,46 @@ def meets_rerouted(roots: Sequence[Any]) -> bool:
                 seen.add(nxt)
                 stack.append(nxt)
     return False
+
+
+def meets_rerouted(roots: Sequence[Any]) -> bool:
+    """Whether the autograd graph behind `roots` holds a kernel of an operator `_safe_ops` reroutes."""
+    return graph_has(roots, _REROUTED)
+
+
+_SAVED: dict[type, list[str]] = {}
+
+
+def graph_bytes(roots: Sequence[Tensor]) -> int:
+    """The bytes of the distinct storages the autograd graph behind `roots` (and `roots`
+    themselves) holds: what keeping that graph costs. Saved tensors are read from the nodes'
+    `_saved_*` attributes (autograd's documented view of them), once per node."""
+    storages: dict[int, int] = {}
+
+    def count(value: Any) -> None:
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, Tensor):
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[Any] = set(stack)
+    count(list(roots))
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        names = _SAVED.get(kind)
+        if names is None:
+            names = _SAVED[kind] = [a for a in dir(kind) if a.startswith("_saved_")]
+        for name in names:
+            count(getattr(node, name))
+        if hasattr(node, "saved_tensors"):  # a custom autograd.Function's ctx.save_for_backward
+            count(node.saved_tensors)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return sum(storages.values())
 
 
 class Reroute:
@@ -111,12 +150,18 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor], lead
     return [torch.zeros(*lead, *x.shape, dtype=x.dtype, device=x.device) if g is None else g for g, x in zip(grads, like)]
 
 
+#: How `k` products go through a kept graph at once: autograd's `is_grads_batched` (measured as
+#: fast as torch.func's `vmap` or faster, with less Python per call, and much faster on
+#: convolutions), or `vmap` of the backward.
+BATCHINGS: tuple[str, ...] = ("autograd", "vmap")
+
+
 def _batched_backward(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], by_autograd: bool
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], how: str
 ) -> list[Tensor]:
     """One backward of the kept graph for `k` cotangents at once (leading dim `k`); the graph is kept."""
     k = cotangents[0].shape[0]
-    if by_autograd:
+    if how == "autograd":
         got = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True)
     else:
         got = vmap(lambda *c: torch.autograd.grad(outputs, inputs, c, retain_graph=True, allow_unused=True))(*cotangents)
@@ -156,6 +201,10 @@ class HessianAt:
         self.grads = [grads[i] for i in self.live]
         self.aux = None if aux is None else tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
 
+    def kept_bytes(self) -> int:
+        """What keeping the linearisation costs: the storages its graph holds."""
+        return graph_bytes(self.grads)
+
     def mv(self, vs: Sequence[Tensor], *, keep: bool = True) -> list[Tensor]:
         """`H v` for one vector given by its leaves; `keep=False` frees the graph as it goes."""
         if not self.live:
@@ -163,11 +212,12 @@ class HessianAt:
         got = torch.autograd.grad(self.grads, self.xs, [vs[i] for i in self.live], retain_graph=keep, allow_unused=True)
         return _zeros_for_none(got, self.xs)
 
-    def mm(self, Vs: Sequence[Tensor], *, by_autograd: bool = False) -> list[Tensor]:
-        """`H v` for `k` vectors: leaves `(k, *shape)`, the same for the result."""
+    def mm(self, Vs: Sequence[Tensor], how: str = "autograd") -> list[Tensor]:
+        """`H v` for `k` vectors (leaves `(k, *shape)`, the same for the result), batched `how`
+        (one of `BATCHINGS`)."""
         if not self.live:
             return _zeros_for_none([None] * len(self.xs), self.xs, (Vs[0].shape[0],))
-        return _batched_backward(self.grads, self.xs, [Vs[i] for i in self.live], by_autograd)
+        return _batched_backward(self.grads, self.xs, [Vs[i] for i in self.live], how)
 
 
 class GGNAt:
@@ -211,6 +261,10 @@ class GGNAt:
         self.h_live = [i for i, g in enumerate(gz) if g is not None and g.requires_grad]
         self.gz = [gz[i] for i in self.h_live]
 
+    def kept_bytes(self) -> int:
+        """What keeping the linearisation costs: the storages its graphs hold."""
+        return graph_bytes(self.pulled + self.zs + self.gz)
+
     def _zero(self) -> bool:
         return not self.zs or not self.j_live or not self.h_live
 
@@ -226,12 +280,12 @@ class GGNAt:
         HJv = grad(self.gz, self.zt, [Jv[i] for i in self.h_live])
         return grad(self.zs, self.xs, HJv)
 
-    def mm(self, Vs: Sequence[Tensor], *, by_autograd: bool = False) -> list[Tensor]:
-        """`G v` for `k` vectors: leaves `(k, *shape)`, the same for the result."""
+    def mm(self, Vs: Sequence[Tensor], how: str = "autograd") -> list[Tensor]:
+        """`G v` for `k` vectors (leaves `(k, *shape)`, the same for the result), batched `how`."""
         if self._zero():
             return _zeros_for_none([None] * len(self.xs), self.xs, (Vs[0].shape[0],))
-        if not by_autograd:
+        if how == "vmap":
             return list(vmap(lambda *v: tuple(self.mv(v)))(*Vs))
-        Jv = _batched_backward(self.pulled, self.us, [Vs[i] for i in self.j_live], True)
-        HJv = _batched_backward(self.gz, self.zt, [Jv[i] for i in self.h_live], True)
-        return _batched_backward(self.zs, self.xs, HJv, True)
+        Jv = _batched_backward(self.pulled, self.us, [Vs[i] for i in self.j_live], how)
+        HJv = _batched_backward(self.gz, self.zt, [Jv[i] for i in self.h_live], how)
+        return _batched_backward(self.zs, self.xs, HJv, how)
