@@ -39,11 +39,11 @@ from ._checks import (
 )
 from ._compat import inside_transform
 from ._compose import RandomState, check_function, differentiable, usable
-from ._dataset import DATA_RANDOMNESS, DatasetProducts
+from ._dataset import DATA_RANDOMNESS, DatasetProducts, SumAt
 from ._errors import FunchessError, InvalidArgumentError
 from ._ggn import ggn_vp, split_loss
 from ._hvp import hvp
-from ._linearisation import BATCHINGS, GGNAt, HessianAt, Reroute, plain_autograd_ok
+from ._linearisation import BATCHINGS, GGNAt, HessianAt, plain_autograd_ok
 from ._memory import budget_of, default_budget, default_chunk
 from ._operator import FunctionOperator
 from ._tree import chunks, offsets, tree_flatten, unravel
@@ -92,23 +92,29 @@ class _Replayed:
         return self.fn(v)
 
 
-Linearisation = HessianAt | GGNAt
+Linearisation = Union[HessianAt, GGNAt, SumAt]  # noqa: UP007 (a runtime alias on Python 3.10)
+#: `build(rewind, limit)`: the linearisation (built with `rewind` restoring the random state before
+#: a redone forward), or None when the graphs it keeps pass `limit` bytes (None: no limit).
+Build = Callable[[Callable[[], None], Union[int, None]], Union[Linearisation, None]]  # noqa: UP007
+
+
+def _within(lin: HessianAt | GGNAt, limit: int | None) -> Linearisation | None:
+    return lin if limit is None or lin.kept_bytes() <= limit else None
 
 
 class _Kept:
     """An operator's products through one linearisation (`funchess/_linearisation.py`): built at
     the first product made outside torch.func transforms, then every product is backward passes
-    of it. With reuse="auto" it is kept when the storages its graph holds (counted once, after
-    building it) fit half the memory budget, since they stay allocated between products; with
+    of it. With reuse="auto" it is kept when the storages its graphs hold (counted once, as it is
+    built) fit half the memory budget, since they stay allocated between products; with
     reuse=True always; otherwise, or when building or differentiating it fails (e.g. an operator
     without a double-backward rule), products are the fresh ones (`fresh`).
 
     Holds no reference to the operator, so the graph is freed with the operator."""
 
     def __init__(
-        self, call: str, build: Callable[[Reroute, Callable[[], None]], Linearisation],
-        fresh: Callable[[PyTree], PyTree], params: PyTree, reuse: Any, budget: int | None, rng: RandomState,
-        randomness: str,
+        self, call: str, build: Build, fresh: Callable[[PyTree], PyTree], params: PyTree, reuse: Any,
+        budget: int | None, rng: RandomState, randomness: str,
     ) -> None:
         self.call, self.build, self.fresh = call, build, fresh
         self.leaves, self.spec = tree_flatten(params)
@@ -121,26 +127,23 @@ class _Kept:
         """The linearisation, built on the first call that can build it; None for fresh products."""
         if self.lin is not None or self.off or not plain_autograd_ok(self.leaves):
             return self.lin
+        limit = None
+        if self.reuse == "auto":  # the kept graphs stay allocated between products
+            limit = (self.budget if self.budget is not None else default_budget(self.leaves[0].device)) // 2
         before = self.rng.snapshot()
-        self.rng.replay()  # randomness="same": the draws of the operator's construction
+        self.rng.replay()  # randomness other than "error": the draws of the operator's construction
         try:
             with differentiable():
-                lin = self.build(Reroute(), self.rng.replay)
+                self.lin = self.build(self.rng.replay, limit)
         except FunchessError:
             raise
         except (RuntimeError, NotImplementedError):
-            self.off = True  # the fresh products say what went wrong (or fall back to another mode)
-            return None
+            self.lin = None  # the fresh products say what went wrong (or fall back to another mode)
         finally:
             if self.randomness == "error":
                 self.rng.refuse_draws(self.call, before)
-        if self.reuse == "auto":
-            budget = self.budget if self.budget is not None else default_budget(self.leaves[0].device)
-            if lin.kept_bytes() > budget // 2:  # it would stay allocated between products
-                self.off = True
-                return None
-        self.lin = lin
-        return lin
+        self.off = self.lin is None
+        return self.lin
 
     def mv(self, v: PyTree) -> PyTree:
         lin = self._linearised()
@@ -179,16 +182,20 @@ class _CurvatureOperator(FunctionOperator):
 
     def _mm(self, rows: Tensor) -> Tensor:
         if inside_transform() or not rows.shape[0]:
-            return super()._mm(rows)
+            return self._fresh_mm(rows)
         k, n = rows.shape
         pieces = []
         for s, e in chunks(k, self.chunk_size or default_chunk(k, n)):
             V = [rows[s:e, a:b].reshape(e - s, *leaf.shape).to(leaf.dtype) for leaf, a, b in self._slices]
             got = self._kept.mm(V)
             if got is None:
-                return super()._mm(rows)
+                return self._fresh_mm(rows)
             pieces.append(torch.cat([t.reshape(e - s, -1) for t in got], 1).to(self.dtype))
         return torch.cat(pieces)
+
+    def _fresh_mm(self, rows: Tensor) -> Tensor:
+        """Products without the kept linearisation."""
+        return super()._mm(rows)
 
     @property
     def _slices(self) -> list[tuple[Tensor, int, int]]:
@@ -275,8 +282,8 @@ class HessianOperator(_CurvatureOperator):
         def h(p: PyTree) -> Any:
             return f(p, *data)
 
-        def build(reroute: Reroute, rewind: Callable[[], None]) -> Linearisation:
-            return HessianAt(f"{call} @ v", h, leaves, spec.unflatten, reroute=reroute, rewind=rewind)
+        def build(rewind: Callable[[], None], limit: int | None) -> Linearisation | None:
+            return _within(HessianAt(f"{call} @ v", h, leaves, spec.unflatten, rewind=rewind), limit)
 
         fresh = _Replayed(mv, rng) if randomness != "error" else mv
         self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
@@ -348,17 +355,17 @@ class GGNOperator(_CurvatureOperator):
 
         leaves, spec = tree_flatten(params)
 
-        def build(reroute: Reroute, rewind: Callable[[], None]) -> Linearisation:
+        def build(rewind: Callable[[], None], limit: int | None) -> Linearisation | None:
             check_function(call, f)
-            return GGNAt(f"{call} @ v", lambda p: output(p, inputs), lambda z: loss(z, targets), leaves, spec.unflatten,
-                         reroute=reroute, rewind=rewind)
+            return _within(GGNAt(f"{call} @ v", lambda p: output(p, inputs), lambda z: loss(z, targets), leaves,
+                                 spec.unflatten, rewind=rewind), limit)
 
         fresh = _Replayed(mv, rng) if randomness != "error" else mv
         self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
         super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
 
 
-class DatasetOperator(FunctionOperator):
+class DatasetOperator(_CurvatureOperator):
     """The Hessian or GGN of the loss over a whole data set, as a matrix-free operator.
 
     `DatasetOperator(f, params, data)` is the operator of `funchess.dataset_hessian(f)(params,
@@ -381,6 +388,12 @@ class DatasetOperator(FunctionOperator):
         progress: a bar over the batches of each pass (True, None for terminals only, False).
         randomness: "error" (default) refuses random operations; "different" gives every batch
             its own random numbers, drawn when the operator is made and replayed in every product.
+        reuse: "auto" (default) keeps every group's linearisation after the first product's pass
+            over the data while their graphs fit half of `max_memory`, so later products read
+            no data; True keeps them whatever their size; False iterates the data for every
+            product (see `funchess.HessianOperator`).
+        max_memory: the memory budget for `reuse` (bytes or "4GiB"; default 80 % of the
+            device's free memory).
 
     Raises:
         InvalidArgumentError: bad options, or data given as a one-shot iterator.
@@ -410,10 +423,13 @@ class DatasetOperator(FunctionOperator):
         chunk_size: ChunkSize = "auto",
         progress: bool | None = False,
         randomness: str = "error",
+        reuse: Reuse = "auto",
+        max_memory: int | float | str | None = None,
     ) -> None:
         call = call_label("DatasetOperator", {"curvature": curvature, "loss_fn": loss_fn, "reduction": reduction,
                                               "mode": mode, "chunk_size": chunk_size, "progress": progress,
-                                              "randomness": randomness}, first="f, params, data")
+                                              "randomness": randomness, "reuse": reuse, "max_memory": max_memory},
+                          first="f, params, data")
         check_callable(call, f)
         if curvature not in ("hessian", "ggn"):
             raise InvalidArgumentError(f"{call}: expected curvature to be 'hessian' or 'ggn', got {curvature!r}.")
@@ -422,6 +438,8 @@ class DatasetOperator(FunctionOperator):
         check_reduction(call, reduction)
         check_progress(call, progress)
         check_randomness(call, randomness, DATA_RANDOMNESS)
+        _check_reuse(call, reuse, mode)
+        budget, _ = budget_of(call, max_memory)
         check_primals(call, (params,), ["params"])
         check_function(call, f)
         if iter(data) is data:  # type: ignore[comparison-overlap]
@@ -440,13 +458,19 @@ class DatasetOperator(FunctionOperator):
             rng.replay()
             return products(here, params, v, data, progress)
 
-        self._products, self._here, self._rng, self._progress = products, here, rng, progress
-        super().__init__(mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None, vectorize=False)
+        def build(rewind: Callable[[], None], limit: int | None) -> Linearisation | None:
+            return products.linearise(here, params, data, progress, limit, rewind)
 
-    def _mm(self, rows: Tensor) -> Tensor:
+        self._products, self._here, self._rng, self._progress = products, here, rng, progress
+        self._kept = _Kept(here, build, mv, params, reuse, budget, rng, randomness)
+        self._kept.off = self._kept.off or mode == "fwd-rev"
+        super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None,
+                         vectorize=False)
+
+    def _fresh_mm(self, rows: Tensor) -> Tensor:
         """`k` products in one pass over the data: the vectors go through each group together."""
         if rows.shape[0] <= 1:
-            return super()._mm(rows)
+            return super()._fresh_mm(rows)
         k, n = rows.shape
         pieces = []
         for s, e in chunks(k, self.chunk_size or default_chunk(k, n)):
