@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "reduction": "mean",
     "progress": False,
     "loss_fn": None,
+    "reuse": "auto",
 }
 
 

@@ -18,7 +18,7 @@ product, so the operator is one fixed linear map (as `eigsh` and `cg` need).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import torch
 from torch import Tensor
@@ -149,7 +149,8 @@ class _Kept:
         lin = self._linearised()
         if lin is not None:
             try:
-                return self.spec.unflatten(lin.mv(self.spec.flatten_up_to(v)))
+                vs = cast(list[Tensor], self.spec.flatten_up_to(v))
+                return self.spec.unflatten(lin.mv(vs))
             except (RuntimeError, NotImplementedError):
                 if not inside_transform():  # e.g. no double-backward rule: fresh products from now on
                     self.lin, self.off = None, True

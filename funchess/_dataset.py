@@ -188,7 +188,8 @@ class DatasetProducts:
             if limit is not None and held > limit:
                 raise _TooMuch
             kept.append(lin)
-            return leaves[0].new_zeros(())
+            zero: Tensor = leaves[0].new_zeros(())
+            return zero
 
         try:
             _, total = accumulate(

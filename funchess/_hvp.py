@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -158,7 +158,7 @@ def _legacy(name: str, f: Callable[..., Any], primals: Any, tangents: Any, has_a
     for k, (p, t) in enumerate(zip(primals, tangents)):
         check_tangent(call, p, t, f"primals[{k}]", f"tangents[{k}]")
     leaves, spec = tree_flatten(usable(primals))
-    vs = spec.flatten_up_to(usable(tangents))
+    vs = cast(list[Tensor], spec.flatten_up_to(usable(tangents)))
     out, aux = _product(call, lambda p: f(*p), leaves, vs, functools.partial(tree_unflatten, spec), has_aux, mode, "error")
     out = out[0] if len(primals) == 1 else tuple(out)
     return (out, aux) if has_aux else out

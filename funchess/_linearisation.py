@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -198,7 +198,7 @@ class HessianAt:
         )
         self.xs = xs
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        self.grads = [grads[i] for i in self.live]
+        self.grads: list[Tensor] = [cast(Tensor, grads[i]) for i in self.live]
         self.aux = None if aux is None else tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
 
     def kept_bytes(self) -> int:
@@ -257,9 +257,9 @@ class GGNAt:
         )
         self.xs, self.zs, self.us, self.zt = xs, zs, us, zt
         self.j_live = [i for i, p in enumerate(pulled) if p is not None and p.requires_grad]
-        self.pulled = [pulled[i] for i in self.j_live]
+        self.pulled: list[Tensor] = [cast(Tensor, pulled[i]) for i in self.j_live]
         self.h_live = [i for i, g in enumerate(gz) if g is not None and g.requires_grad]
-        self.gz = [gz[i] for i in self.h_live]
+        self.gz: list[Tensor] = [cast(Tensor, gz[i]) for i in self.h_live]
 
     def kept_bytes(self) -> int:
         """What keeping the linearisation costs: the storages its graphs hold."""
