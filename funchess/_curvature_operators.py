@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, cast
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 from torch.utils.data import DataLoader
 
 from ._checks import (
@@ -195,8 +196,13 @@ class _CurvatureOperator(FunctionOperator):
         return torch.cat(pieces)
 
     def _fresh_mm(self, rows: Tensor) -> Tensor:
-        """Products without the kept linearisation."""
-        return super()._mm(rows)
+        """Products without the kept linearisation; with randomness="same" every vector of a
+        vectorised pass sees the one draw (the generators replayed before it)."""
+        if self._kept.randomness == "error" or rows.shape[0] <= 1 or not self.vectorize:
+            return super()._mm(rows)
+        k, n = rows.shape
+        batched = vmap(self._mv_flat, randomness="same")
+        return torch.cat([batched(rows[s:e]) for s, e in chunks(k, self.chunk_size or default_chunk(k, n))])
 
     @property
     def _slices(self) -> list[tuple[Tensor, int, int]]:
