@@ -4,11 +4,16 @@ Each is a `funchess.LinearOperator` (products with pytrees, flat vectors, `(N, k
 batches of pytrees; `as_matrix`, `to_scipy`), so every spectral tool (`eigsh`, `trace_estimate`,
 `diagonal_estimate`, `spectral_density`, `cg`, `diagonal`, `trace`) runs on every one of them.
 
-- `HessianOperator(f, params, *data)`: one `funchess.hvp` per vector, `vmap`ped over chunks.
-- `GGNOperator(f, params, inputs, targets)`: one `funchess.ggn_vp` per vector.
+- `HessianOperator(f, params, *data)`: the Hessian of one batch.
+- `GGNOperator(f, params, inputs, targets)`: the GGN of one batch.
 - `DatasetOperator(f, params, data, curvature=...)`: the curvature of the loss over every batch
-  of `data` (a `DataLoader`, a list of `(inputs, targets)` batches); a batch of vectors loads each
-  group of batches once.
+  of `data` (a `DataLoader`, a list of `(inputs, targets)` batches).
+
+Each builds its linearisation once (`funchess/_linearisation.py`: the gradient's graph, or the
+GGN's three graphs, per batch) at its first product and keeps it while the memory budget allows
+(`reuse=`, `max_memory=`; `_Kept`): every product is then backward passes of kept graphs.
+Otherwise products are fresh: one `funchess.hvp` / `ggn_vp` per vector, `vmap`ped over chunks; a
+batch of vectors loads each group of batches of a data set once.
 
 Randomness follows one rule: `randomness="error"` (default) refuses a function that draws random
 numbers; `"same"` draws them once, when the operator is made, and replays that draw in every
@@ -115,11 +120,12 @@ class _Kept:
 
     def __init__(
         self, call: str, build: Build, fresh: Callable[[PyTree], PyTree], params: PyTree, reuse: Any,
-        budget: int | None, rng: RandomState, randomness: str,
+        budget: int | None, rng: RandomState, randomness: str, *, guard: bool = True,
     ) -> None:
         self.call, self.build, self.fresh = call, build, fresh
         self.leaves, self.spec = tree_flatten(params)
         self.reuse, self.budget, self.rng, self.randomness = reuse, budget, rng, randomness
+        self.guard = guard and randomness == "error"  # refuse a build that drew random numbers
         self.lin: Linearisation | None = None
         self.off = reuse is False
         self.batchings = list(BATCHINGS)  # how k products go at once; one that fails is dropped
@@ -141,7 +147,7 @@ class _Kept:
         except (RuntimeError, NotImplementedError):
             self.lin = None  # the fresh products say what went wrong (or fall back to another mode)
         finally:
-            if self.randomness == "error":
+            if self.guard:
                 self.rng.refuse_draws(self.call, before)
         self.off = self.lin is None
         return self.lin
@@ -219,9 +225,18 @@ class _CurvatureOperator(FunctionOperator):
 class HessianOperator(_CurvatureOperator):
     """The Hessian of `f(params, *data)` w.r.t. `params`, as a matrix-free operator.
 
-    Each product is one `funchess.hvp` (reverse-over-reverse by default: `vjp` of the gradient,
-    i.e. a double backward); batched products `vmap` it over chunks of `chunk_size` tangents, so
-    the forward and first backward run once per chunk. Nothing of size `N x N` is ever formed.
+    The linearisation is built once and reused: the first product (made outside torch.func
+    transforms) takes the gradient of `f` with `create_graph=True` and keeps its graph; every
+    product is then one backward of that graph with the vector as its cotangent (`k` vectors:
+    one batched backward, by autograd's `is_grads_batched`), so the forward and the first
+    backward are never repeated. `f` and the data are evaluated at that first product: the
+    operator is one fixed linear map, as `eigsh` and `cg` need. With `reuse="auto"` (default) the
+    graph is kept when the storages it holds fit half of `max_memory`, since they stay allocated
+    between products; `reuse=False` gives fresh products, each one `funchess.hvp` (batched ones
+    `vmap` it over chunks of `chunk_size` vectors, so the forward and first backward run once per
+    chunk). `mode="fwd-rev"`, or an operator without a double-backward rule under "auto", gives
+    fresh products. The graph is freed with the operator (`del H`). Products work under
+    `torch.func.vmap` over the vector either way, and nothing of size `N x N` is ever formed.
     `f` is typically the function from `funchess.functional(model, loss_fn)`, and `data` one batch
     `(inputs, targets)`; for a whole data set use `funchess.DatasetOperator`.
 
@@ -233,6 +248,10 @@ class HessianOperator(_CurvatureOperator):
         chunk_size: vectors per vectorised pass ("auto": bounded automatically).
         randomness: "error" (default) refuses an `f` that draws random numbers; "same" draws them
             once (when the operator is made) and replays them in every product.
+        reuse: "auto" (default), True (keep the linearisation whatever its size) or False (fresh
+            products); see above. `H.reused` tells which products the operator is giving.
+        max_memory: the memory budget `reuse="auto"` compares the kept graph with (bytes or
+            "4GiB"; default 80 % of the device's free memory).
 
     Raises:
         InvalidArgumentError: f is not callable, bad options, params empty or not floating
@@ -306,9 +325,14 @@ class HessianOperator(_CurvatureOperator):
 class GGNOperator(_CurvatureOperator):
     """The generalised Gauss-Newton matrix `Jᵀ H_z J` of one batch, as a matrix-free operator.
 
-    Each product is one `funchess.ggn_vp` (one forward and two backward passes, no forward-mode
-    rules needed); batched products `vmap` it over chunks of `chunk_size` vectors. Positive
-    semi-definite for convex losses, so `funchess.cg` needs no damping beyond its null space.
+    The linearisation is built once and reused, as in `funchess.HessianOperator`: the first
+    product keeps the model output's graph, the graph of its pullback as a function of the
+    cotangent (whose backward gives `J v`) and the loss gradient's at the output (whose backward
+    gives `H_z u`); every product is then three backward passes and no forward. Fresh products
+    (`reuse=False`, or a graph over half the budget) are one `funchess.ggn_vp` each (one forward
+    and two backward passes, no forward-mode rules needed), batched ones `vmap`ped over chunks of
+    `chunk_size` vectors. Positive semi-definite for convex losses, so `funchess.cg` needs no
+    damping beyond its null space.
 
     Args:
         f: `funchess.functional(model, loss_fn)`'s function, or a model-output function
@@ -317,7 +341,7 @@ class GGNOperator(_CurvatureOperator):
         inputs, targets: one batch.
         loss_fn: the loss of `(output, targets)` when `f` is a model-output function.
         chunk_size: vectors per vectorised pass ("auto": bounded automatically).
-        randomness: as for `funchess.HessianOperator`.
+        randomness, reuse, max_memory: as for `funchess.HessianOperator`.
 
     Example:
         >>> import torch, funchess
@@ -378,9 +402,13 @@ class DatasetOperator(_CurvatureOperator):
     `DatasetOperator(f, params, data)` is the operator of `funchess.dataset_hessian(f)(params,
     data)` (or of `dataset_ggn` with `curvature="ggn"`), with the same weighting (`reduction`, the
     loss's normaliser); `data` is a `DataLoader` or any re-iterable of `(inputs, targets)` batches
-    (a list; not a one-shot generator, since every product iterates it). One product with a batch
-    of `k` vectors (what the spectral tools ask for) iterates the data once, every group of
-    batches taking all `k` vectors in one `vmap`.
+    (a list; not a one-shot generator, since fresh products iterate it). The first product
+    iterates the data once and keeps every group of batches' linearisation (as
+    `funchess.HessianOperator` keeps one batch's) while their graphs together fit half of
+    `max_memory`; later products are then backward passes of the kept graphs and read no data.
+    Otherwise every product iterates the data: one product with a batch of `k` vectors (what the
+    spectral tools ask for) iterates it once, every group of batches taking all `k` vectors in
+    one `vmap`.
 
     Args:
         f: the batch loss `f(params, inputs, targets)` (a model-output function with `loss_fn=`
@@ -469,7 +497,8 @@ class DatasetOperator(_CurvatureOperator):
             return products.linearise(here, params, data, progress, limit, rewind)
 
         self._products, self._here, self._rng, self._progress = products, here, rng, progress
-        self._kept = _Kept(here, build, mv, params, reuse, budget, rng, randomness)
+        # each group is guarded as it is built (a data loader draws its own seeds as it iterates)
+        self._kept = _Kept(here, build, mv, params, reuse, budget, rng, randomness, guard=False)
         self._kept.off = self._kept.off or mode == "fwd-rev"
         super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None,
                          vectorize=False)

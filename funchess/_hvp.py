@@ -188,9 +188,13 @@ def hvp(
     Composition: "rev-rev" is `vjp` of the gradient (outside torch.func transforms, plain autograd's
     double backward: one gradient with `create_graph=True`, then its backward with `v` as the
     cotangent); "fwd-rev" is `jvp(grad(f))`; "auto" tries "rev-rev" and falls back to "fwd-rev"
-    when an operator lacks a rule (decided on every call). Cost: a few times one gradient. For
-    many products at one point, `funchess.HessianOperator` reuses the work that does not depend on
-    `v`.
+    when an operator lacks a rule (decided on every call). Cost: a few times one gradient. The
+    returned function remembers one thing between calls, and only to save time: whether `f`'s
+    forward meets an operator funchess reroutes (layer/batch norm, fused attention, fused
+    recurrent layers). Its first call runs under the rerouting; later calls run without it while
+    nothing was rerouted, and a walk of each call's autograd graph redoes a forward that did meet
+    one (results never depend on it). For many products at one point,
+    `funchess.HessianOperator` reuses the work that does not depend on `v`.
 
     Deprecated form: `hvp(f, primals, tangents)` (torch.func.jvp's convention, computed at once)
     still works in this release and warns; it is removed in funchess 0.3.

@@ -5,11 +5,14 @@ Tensor in `data` holds the samples along dim 0, and the loss of sample `i` is `f
 one. The same `f` therefore serves the batch Hessian (`funchess.hessian(f)`) and the per-sample
 ones; with a mean-reduced loss, `per_sample_hessian(f)(...).mean(0)` is `hessian(f)(...)`.
 
-`per_sample_hessian` has three routes:
+`per_sample_hessian` has four routes:
 
 - deterministic `f`, outside transforms: `funchess.hessian`'s symmetric block engine with the
   samples as one more `vmap` dimension, every piece written straight into the `(B, N, N)` result
-  (`_engine_route`);
+  (`_engine_route`); for a small result (`B * N * N` entries at most `_JOINT_ENTRIES`), the joint
+  pass over whole rows instead (`_joint_route`), where one forward and backward per sample costs
+  less than one per parameter leaf. Both skip the operator rerouting when one sample's forward
+  meets no rerouted operator;
 - inside an outer transform (no writing into buffers): `vmap(funchess.hessian)` over chunks of
   samples, concatenated (`_vmapped_route`);
 - random `f` (`randomness` other than "error"): `jvp`/`vjp` of the `vmap`ped per-sample gradient,
@@ -305,8 +308,10 @@ def per_sample_hessian(
     Composition: for a deterministic `f` (`randomness="error"`), `funchess.hessian`'s symmetric
     block engine in `mode` ("rev-rev" or "fwd-rev") with the samples as one more `vmap` dimension:
     each pair of blocks is computed once, written straight into the result and mirrored, and the
-    second backward pass stops at the tangent's layer. Inside an outer transform it is
-    `vmap(funchess.hessian)` over chunks of samples. With random operations, "fwd-rev" is `vmap`
+    second backward pass stops at the tangent's layer. When the whole result is small (about
+    two million entries), the joint pass instead: per sample one forward and backward, then
+    whole Hessian rows. Inside an outer transform it is `vmap(funchess.hessian)` over chunks of
+    samples. With random operations, "fwd-rev" is `vmap`
     over chunks of basis directions of `jvp` of the per-sample gradient `vmap(grad(loss_i))`, and
     "rev-rev" is `vmap` over chunks of basis rows of the `vjp` of the per-sample gradient at
     parameters broadcast to one copy per sample; every pass replays the forward's random numbers.
