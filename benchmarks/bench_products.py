@@ -83,10 +83,11 @@ def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, ref: str) ->
 # ----------------------------------------------------------------------------- 1. products
 
 
-def products(names: list[str], rounds: int) -> None:
+def products(names: list[str], rounds: int, before: ModuleType | None) -> None:
     print("### One product against plain double backward (float32, default options)\n")
-    print("| problem | N | plain | funchess.hvp | ratio | HessianOperator @ v (reuse) | ratio | reuse=False | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " before: hvp | ratio | before: HessianOperator @ v | ratio |" if before is not None else ""
+    print("| problem | N | plain | funchess.hvp | ratio | HessianOperator @ v (reuse) | ratio | reuse=False | ratio |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if before is not None else ""))
     for name in names:
         pb = make_problem(name)
         f, params = pb.function()
@@ -97,14 +98,23 @@ def products(names: list[str], rounds: int) -> None:
         op = funchess.HessianOperator(f, params, x, y)
         op0 = funchess.HessianOperator(f, params, x, y, reuse=False)
         flat = funchess.ravel(v)
-        got = interleaved({
+        methods: dict[str, Callable[[], Any]] = {
             "plain": lambda: plain_hvp(f, params, vl, x, y),
             "hvp": lambda: H(params, v, x, y),
             "op": lambda: op @ flat,
             "op0": lambda: op0 @ flat,
-        }, rounds, "plain")
+        }
+        shown = ["hvp", "op", "op0"]
+        if before is not None:
+            fb, pb_params = before.functional(pb.model, pb.loss_fn)
+            Hb = before.hvp(fb)
+            opb = before.HessianOperator(fb, pb_params, x, y)
+            methods["before hvp"] = lambda: Hb(pb_params, v, x, y)
+            methods["before op"] = lambda: opb @ flat
+            shown += ["before hvp", "before op"]
+        got = interleaved(methods, rounds, "plain")
         n = op.shape[0]
-        cells = " | ".join(f"{got[k][0] * 1e6:.0f} us | {got[k][1]:.2f}x" for k in ("hvp", "op", "op0"))
+        cells = " | ".join(f"{got[k][0] * 1e6:.0f} us | {got[k][1]:.2f}x" for k in shown)
         print(f"| {name} | {n:,} | {got['plain'][0] * 1e6:.0f} us | {cells} |")
 
 
@@ -182,7 +192,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
     mlps = ["mlp-tiny", "mlp-2k"] if args.quick else ["mlp-tiny", "mlp-500", "mlp-2k", "mlp-8k"]
     if args.only != "spectral":
-        products(mlps, args.rounds // 3 if args.quick else args.rounds)
+        products(mlps, args.rounds // 3 if args.quick else args.rounds, before)
     if args.only != "products":
         problems = args.problems or (["mlp-2k"] if args.quick else ["mlp-2k", "cnn-2k", "transformer-2k"])
         spectral(problems, before, 3 if args.quick else args.repeats)
