@@ -23,6 +23,11 @@ from ._dataset import dataset_ggn as dataset_ggn
 from ._dataset import dataset_ggn_vp as dataset_ggn_vp
 from ._dataset import dataset_hessian as dataset_hessian
 from ._dataset import dataset_hvp as dataset_hvp
+from ._diagonal import GGNFactor as GGNFactor
+from ._diagonal import ggn_diagonal as ggn_diagonal
+from ._diagonal import per_sample_ggn_diagonal as per_sample_ggn_diagonal
+from ._diagonal import per_sample_ggn_factor as per_sample_ggn_factor
+from ._diagonal import per_sample_hessian_diagonal as per_sample_hessian_diagonal
 from ._eigen import EigenResult as EigenResult
 from ._eigen import SpectralDensity as SpectralDensity
 from ._eigen import eigsh as eigsh
@@ -53,6 +58,9 @@ from ._hvp import hvp as hvp
 from ._hvp import vhp as vhp
 from ._jacobian import jacfwd as jacfwd
 from ._jacobian import jacrev as jacrev
+from ._kfac import KFAC as KFAC
+from ._kfac import KFACLayer as KFACLayer
+from ._kfac import kfac as kfac
 from ._memory import MemoryPlan as MemoryPlan
 from ._operator import DenseOperator as DenseOperator
 from ._operator import FunctionOperator as FunctionOperator
@@ -69,7 +77,7 @@ from ._tree import ravel as ravel
 from ._tree import to_matrix as to_matrix
 from ._tree import unravel as unravel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FunchessError",
@@ -120,6 +128,12 @@ __all__ = [
     "per_sample_hessian",
     "per_sample_hvp",
     "per_sample_ggn",
+    "per_sample_ggn_factor",
+    "GGNFactor",
+    # exact diagonals (module-aware where the model is a chain of known modules)
+    "ggn_diagonal",
+    "per_sample_ggn_diagonal",
+    "per_sample_hessian_diagonal",
     "dataset_hessian",
     "dataset_hvp",
     "dataset_ggn",
@@ -127,4 +141,8 @@ __all__ = [
     "ggn",
     "ggn_vp",
     "empirical_fisher",
+    # Kronecker-factored curvature
+    "KFAC",
+    "KFACLayer",
+    "kfac",
 ]

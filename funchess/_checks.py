@@ -7,18 +7,22 @@ expected, what arrived, and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import inspect
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
 from ._compat import inside_transform
-from ._errors import InvalidArgumentError, OutputError, StructureError, UnsupportedError
+from ._errors import FunchessError, InvalidArgumentError, OutputError, StructureError, UnsupportedError
 from ._tree import tree_flatten
 
 PyTree = Any
@@ -44,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "reduction": "mean",
     "progress": False,
     "loss_fn": None,
+    "curvature": "hessian",
     "reuse": "auto",
 }
 
@@ -87,6 +92,79 @@ def user_stacklevel() -> int:
     return level
 
 
+_relay = threading.local()
+
+
+def _user_frame() -> Any:
+    """The first frame outside funchess (and the context-manager machinery): the user's call."""
+    frame = sys._getframe(1)
+    skip = (_PACKAGE, os.path.abspath(contextlib.__file__))
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame = frame.f_back
+    return frame
+
+
+@contextlib.contextmanager
+def relayed_warnings() -> Iterator[None]:
+    """Warnings raised while funchess evaluates the user's function (e.g. torch's "target size
+    differs" from `mse_loss`) are collected and shown once per call, at the user's line, instead of
+    once per evaluation site inside funchess. Entered once per public call (nested entries pass
+    through); in threads other than the main one warnings are left as they are, since the warnings
+    filters are process-wide."""
+    if getattr(_relay, "active", False) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frame = _user_frame()
+    _relay.active = True
+    failed = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the user's filters still decide what is caught
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _relay.active = False
+        seen: set[tuple[type[Warning], str, str]] = set()
+        for w in caught:
+            ours = os.path.abspath(w.filename).startswith(_PACKAGE)  # blamed on funchess: the user's line
+            filename, lineno = (frame.f_code.co_filename, frame.f_lineno) if ours else (w.filename, w.lineno)
+            key = (w.category, str(w.message), filename)
+            if key in seen:
+                continue
+            seen.add(key)
+            glob = frame.f_globals if ours else _module_globals(filename)
+            try:
+                warnings.warn_explicit(
+                    w.message, w.category, filename, lineno or 0,
+                    module=glob.get("__name__"), registry=glob.setdefault("__warningregistry__", {}),
+                )
+            except Warning:
+                if not failed:  # a warning turned into an error by the user's filters
+                    raise
+
+
+def _module_globals(filename: str) -> dict[str, Any]:
+    """The globals of the loaded module defined in `filename` (for the warnings filters' module
+    patterns), or a fresh dict."""
+    path = os.path.abspath(filename)
+    for module in list(sys.modules.values()):
+        if os.path.abspath(getattr(module, "__file__", None) or "") == path:
+            return vars(module)
+    return {}
+
+
+def relays_warnings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under `relayed_warnings()`."""
+
+    @functools.wraps(fn)
+    def relaying(*args: Any, **kwargs: Any) -> Any:
+        with relayed_warnings():
+            return fn(*args, **kwargs)
+
+    return relaying
+
+
 def deprecated(message: str) -> None:
     """A `FutureWarning` (shown to users by default) at the user's line: a public name or meaning
     that changed, kept working for one release."""
@@ -114,6 +192,23 @@ def check_callable(call: str, f: Any, what: str = "f") -> None:
             f"{call}: expected {what} to be a function, got {type(f).__name__}. Pass the loss function "
             f"(e.g. the first value of funchess.functional(model, loss_fn))."
         )
+    if _takes_no_arguments(f):
+        raise InvalidArgumentError(
+            f"{call}: expected {what} to take the point to differentiate at as an argument, got a "
+            f"function of no arguments. Make it a function of the parameters, e.g. "
+            f"`lambda params: loss(params)` rather than `lambda: loss(params)`."
+        )
+
+
+def _takes_no_arguments(f: Any) -> bool:
+    """Whether `f`'s signature takes no positional argument at all (then nothing can be
+    differentiated); False when the signature cannot be read (builtins, some C extensions)."""
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return not any(p.kind in kinds for p in sig.parameters.values())
 
 
 def check_mode(call: str, mode: Any, allowed: Sequence[str] = MODES) -> None:
@@ -219,7 +314,12 @@ def argnums_of(call: str, argnums: Any, nargs: int) -> tuple[int, ...]:
 
 
 def check_primals(call: str, primals: Sequence[Any], names: Sequence[str]) -> None:
-    """Every differentiated argument is a non-empty pytree of real floating Tensors."""
+    """Every differentiated argument is a non-empty pytree of real floating Tensors with values."""
+    if not primals:
+        raise InvalidArgumentError(
+            f"{call}: expected at least one argument to differentiate, got none. Pass the point, e.g. "
+            f"(params,) and a tangent shaped like it."
+        )
     for primal, name in zip(primals, names):
         leaves, spec = tree_flatten(primal)
         if not leaves:
@@ -240,6 +340,12 @@ def check_primals(call: str, primals: Sequence[Any], names: Sequence[str]) -> No
                     f"{call}: {where} has dtype {leaf.dtype}; expected a real floating-point "
                     f"Tensor. Convert it (e.g. .double()), or leave it out of the "
                     f"differentiated arguments."
+                )
+            if leaf.is_meta:
+                raise InvalidArgumentError(
+                    f"{call}: {where} is on the meta device, which holds shapes but no values; "
+                    f"expected a Tensor with values. Materialise the model first (e.g. "
+                    f"model.to_empty(device='cpu') and load_state_dict), then funchess.functional again."
                 )
 
 
@@ -322,11 +428,53 @@ def check_scalar(call: str, value: Any) -> Tensor:
     return value
 
 
+def relabel(call: str, exc: FunchessError) -> FunchessError:
+    """`exc`, an error of an inner funchess call, told as `call`'s: same type, the inner message
+    kept after the outer call (and a `MemoryBudgetError`'s plan kept)."""
+    error = type(exc)(f"{call}: {exc}")
+    if hasattr(exc, "plan"):
+        error.plan = exc.plan  # type: ignore[attr-defined]
+    return error
+
+
+def inplace_error(call: str, exc: BaseException) -> FunchessError | None:
+    """A funchess error for torch's refusal of an in-place write by f into one of its inputs, else None."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or isinstance(exc, FunchessError):
+        return None
+    if "leaf Variable that requires grad is being used in an in-place operation" in text:
+        return InvalidArgumentError(
+            f"{call}: f writes in place into the argument it is differentiated with respect to; "
+            f"expected f to leave it unchanged (torch.func refuses this too). Use the out-of-place "
+            f"form (`p = p * 2` rather than `p.mul_(2)`), or clone it inside f first."
+        )
+    if "mutate a captured Tensor" in text:
+        return UnsupportedError(
+            f"{call}: f writes in place into a Tensor it does not differentiate (an argument outside "
+            f"argnums, a buffer, or a tensor it closes over), which torch.func cannot do while it "
+            f"differentiates; expected f to leave such tensors unchanged. Copy the tensor first "
+            f"inside f (e.g. `y = y.clone()` before `y.copy_(x)`), or differentiate it too (argnums)."
+        )
+    return None
+
+
+def call_f(call: str, h: Callable[..., Any], *args: Any) -> Any:
+    """`h(*args)`, the user's function, with torch's refusal of its in-place writes into its inputs
+    re-raised as a funchess error naming the call."""
+    try:
+        return h(*args)
+    except RuntimeError as exc:
+        error = inplace_error(call, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
 def scalar_output(call: str, h: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
     """`h` with its output checked: a real floating scalar (and aux with `has_aux`)."""
 
     def scalar(*primals: Any) -> Any:
-        value, aux = split_aux(call, h(*primals), has_aux)
+        value, aux = split_aux(call, call_f(call, h, *primals), has_aux)
         value = check_scalar(call, value)
         return (value, aux) if has_aux else value
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,18 +26,41 @@ def inside_transform() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def fused_rnn_kernels_off() -> Iterator[None]:
-    """Turn cuDNN and oneDNN off for a block (without `backends.*.flags`, which warns on restore)."""
-    mkldnn = torch._C._get_mkldnn_enabled()
-    cudnn = torch.backends.cudnn.enabled
-    torch._C._set_mkldnn_enabled(False)
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(mkldnn)
-        torch.backends.cudnn.enabled = cudnn
+class _FusedRnnSwitch:
+    """cuDNN and oneDNN are switched by process-wide flags, so threads share one switch: the first
+    thread in saves the flags and turns them off, the last one out restores them (a plain
+    save/restore per thread interleaves and can leave oneDNN off for good)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.saved = (True, True)
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.saved = (torch._C._get_mkldnn_enabled(), torch.backends.cudnn.enabled)
+                torch._C._set_mkldnn_enabled(False)
+                torch.backends.cudnn.enabled = False
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    torch._C._set_mkldnn_enabled(self.saved[0])
+                    torch.backends.cudnn.enabled = self.saved[1]
+
+
+_FUSED_RNN = _FusedRnnSwitch()
+
+
+def fused_rnn_kernels_off() -> contextlib.AbstractContextManager[None]:
+    """Turn cuDNN and oneDNN off for a block (without `backends.*.flags`, which warns on restore,
+    and is not safe across threads). While any thread is inside, the flags stay off for all."""
+    return _FUSED_RNN.off()
 
 
 def vjp(fn: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:

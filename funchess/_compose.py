@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import scalar_output
+from ._checks import inplace_error, scalar_output
 from ._compat import vjp
 from ._errors import UnsupportedError
 from ._functional import ModuleFunction
@@ -94,9 +94,13 @@ def gradient(
 
 @contextlib.contextmanager
 def differentiable() -> Iterator[None]:
-    """Grad mode on and inference mode off: `torch.enable_grad()` alone does not leave
-    `torch.inference_mode()`, under which nothing can be differentiated."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Inference mode off (under `torch.inference_mode()` nothing can be differentiated, and
+    `torch.enable_grad()` alone does not leave it). Grad mode stays the caller's: torch.func's
+    transforms differentiate under an outer `torch.no_grad()` and then return results that carry
+    no graph, as the caller asked; plain-autograd paths turn grad mode on for themselves. (Leaving
+    inference mode turns grad mode on, so the caller's is set back inside.)"""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
         yield
 
 
@@ -110,7 +114,13 @@ def check_function(call: str, f: Any, *, per_sample: bool = False) -> None:
 def usable(tree: PyTree) -> PyTree:
     """Inference tensors (made under `torch.inference_mode()`) cannot be saved for backward:
     normal copies of them; every other leaf as it is."""
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, tree)
+    def normal(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_inference():
+            return t
+        with torch.inference_mode(False):  # a clone made inside inference mode is an inference tensor
+            return t.clone()
+
+    return tree_map(normal, tree)
 
 
 # ----------------------------------------------------------------------------- running modes
@@ -153,6 +163,9 @@ def _translate(call: str, mode: str, exc: BaseException) -> BaseException | None
     translated = random_error(call, exc)
     if translated is not None:
         return translated
+    inplace = inplace_error(call, exc)  # f writing into its inputs (a pass that did not go through call_f)
+    if inplace is not None:
+        return inplace
     if missing_rule(exc):
         other = [m for m in FALLBACK_ORDER if m != mode]
         fix = f"Try mode={other[0]!r} or mode='auto', or replace" if mode in FALLBACK_ORDER else "Replace"
@@ -175,7 +188,7 @@ def run_modes(
     modes = tuple(order) if mode == "auto" else (mode,)
     failures: list[str] = []
     # the context managers cost more than a small product: entered only when they change something
-    plain = not safe and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    plain = not safe and not torch.is_inference_mode_enabled()
     for m in modes:
         try:
             if plain:
@@ -242,10 +255,18 @@ class RandomState:
         """The generators' states now, for `refuse_draws` (the guard without a context manager)."""
         return self._state()
 
+    def _moved(self, before: list[Tensor]) -> bool:
+        return any(_raw(a) != _raw(b) for a, b in zip(before, self._state()))
+
+    def put_back(self, before: list[Tensor]) -> None:
+        """Restore the generators to `before` if they moved (a call that failed draws nothing)."""
+        if self._moved(before):
+            self._set(before)
+
     def refuse_draws(self, call: str, before: list[Tensor], fix: str | None = None) -> None:
         """Raise an UnsupportedError if a generator moved since `snapshot()` returned `before`
         (e.g. dropout in train mode), putting it back, so the failed call draws nothing."""
-        if any(_raw(a) != _raw(b) for a, b in zip(before, self._state())):
+        if self._moved(before):
             self._set(before)
             error = random_error(call, RuntimeError("random operation while in randomness error mode"), fix)
             assert error is not None
@@ -254,9 +275,14 @@ class RandomState:
     @contextlib.contextmanager
     def guard(self, call: str, fix: str | None = None) -> Iterator[None]:
         """Raise an UnsupportedError if the block advanced a generator (e.g. dropout in train
-        mode); the generators are put back as they were, so the failed call draws nothing."""
+        mode); the generators are put back as they were, so a refused call draws nothing (also
+        when an inner call refused first)."""
         before = self._state()
-        yield
+        try:
+            yield
+        except BaseException:
+            self.put_back(before)
+            raise
         self.refuse_draws(call, before, fix)
 
 

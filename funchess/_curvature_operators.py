@@ -22,18 +22,19 @@ product, so the operator is one fixed linear map (as `eigsh` and `cg` need).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, Union, cast
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 from torch.utils.data import DataLoader
 
 from ._checks import (
     ChunkSize,
     Mode,
     Reduction,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -42,6 +43,8 @@ from ._checks import (
     check_progress,
     check_randomness,
     check_reduction,
+    check_scalar,
+    relabel,
 )
 from ._compat import inside_transform
 from ._compose import RandomState, check_function, differentiable, usable
@@ -52,7 +55,7 @@ from ._hvp import hvp
 from ._linearisation import BATCHINGS, GGNAt, HessianAt, plain_autograd_ok
 from ._memory import budget_of, default_budget, default_chunk
 from ._operator import FunctionOperator
-from ._tree import chunks, offsets, tree_flatten, unravel
+from ._tree import chunks, offsets, tree_flatten, tree_map, unravel
 
 __all__ = ["HessianOperator", "GGNOperator", "DatasetOperator"]
 
@@ -84,6 +87,27 @@ def _check_reuse(call: str, reuse: Any, mode: str = "auto") -> None:
             f"mode='fwd-rev' does not build; expected mode 'auto' or 'rev-rev'. Drop reuse=True, "
             f"or pass mode='rev-rev'."
         )
+
+
+def _check_point(call: str, evaluate: Callable[[PyTree], Any], randomness: str, params: PyTree) -> None:
+    """One forward at the operator's point when the operator is made, so that data the model cannot
+    take, a loss that is not a scalar or (with randomness="error") random operations are refused
+    naming the operator, not at its first product inside a spectral tool. Nothing is differentiated."""
+    guard = (
+        RandomState(tree_flatten(params)[0][0].device).guard(call)
+        if randomness == "error" and not inside_transform() else contextlib.nullcontext()
+    )
+    with differentiable(), guard:  # at parameters that require grad: an in-place write into them is refused
+        value = call_f(call, evaluate, tree_map(lambda t: (t.clone() if t.is_inference() else t.detach()).requires_grad_(True), params))
+    check_scalar(call, value)
+
+
+def _told_as(call: str, product: Callable[..., PyTree], *args: Any) -> PyTree:
+    """`product(*args)`, an inner transform's errors told as the operator's."""
+    try:
+        return product(*args)
+    except FunchessError as exc:
+        raise relabel(call, exc) from exc
 
 
 class _Replayed:
@@ -202,13 +226,8 @@ class _CurvatureOperator(FunctionOperator):
         return torch.cat(pieces)
 
     def _fresh_mm(self, rows: Tensor) -> Tensor:
-        """Products without the kept linearisation; with randomness="same" every vector of a
-        vectorised pass sees the one draw (the generators replayed before it)."""
-        if self._kept.randomness == "error" or rows.shape[0] <= 1 or not self.vectorize:
-            return super()._mm(rows)
-        k, n = rows.shape
-        batched = vmap(self._mv_flat, randomness="same")
-        return torch.cat([batched(rows[s:e]) for s, e in chunks(k, self.chunk_size or default_chunk(k, n))])
+        """Products without the kept linearisation."""
+        return super()._mm(rows)
 
     @property
     def _slices(self) -> list[tuple[Tensor, int, int]]:
@@ -253,9 +272,15 @@ class HessianOperator(_CurvatureOperator):
         max_memory: the memory budget `reuse="auto"` compares the kept graph with (bytes or
             "4GiB"; default 80 % of the device's free memory).
 
+    The operator evaluates `f` once when it is made (a forward, nothing differentiated), so data
+    the model cannot take, a loss that is not a scalar or random operations are refused there,
+    naming the operator, rather than inside the first product of a spectral tool.
+
     Raises:
         InvalidArgumentError: f is not callable, bad options, params empty or not floating
-            point, or a DataLoader given as data.
+            point, a DataLoader given as data, or data the model cannot take.
+        OutputError: f does not return a scalar.
+        UnsupportedError: f draws random numbers with randomness="error".
 
     Example:
         >>> import torch, funchess
@@ -301,7 +326,7 @@ class HessianOperator(_CurvatureOperator):
             rng.save()  # the draws every product replays
 
         def mv(v: PyTree) -> PyTree:
-            return product(params, v, *data)
+            return _told_as(f"{call} @ v", product, params, v, *data)
 
         leaves, spec = tree_flatten(params)
 
@@ -314,7 +339,9 @@ class HessianOperator(_CurvatureOperator):
         fresh = _Replayed(mv, rng) if randomness != "error" else mv
         self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
         self._kept.off = self._kept.off or mode == "fwd-rev"  # forward mode keeps no reverse graph
+        _check_point(call, h, randomness, params)
         super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"  # the vmap over vectors
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -343,6 +370,9 @@ class GGNOperator(_CurvatureOperator):
         chunk_size: vectors per vectorised pass ("auto": bounded automatically).
         randomness, reuse, max_memory: as for `funchess.HessianOperator`.
 
+    Like `funchess.HessianOperator`, it evaluates the loss once when it is made, so bad data or a
+    loss that is not a scalar is refused there.
+
     Example:
         >>> import torch, funchess
         >>> f, params = funchess.functional(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy)
@@ -367,33 +397,35 @@ class GGNOperator(_CurvatureOperator):
     ) -> None:
         call = call_label("GGNOperator", {"loss_fn": loss_fn, "chunk_size": chunk_size, "randomness": randomness,
                                           "reuse": reuse, "max_memory": max_memory}, first="f, params, inputs, targets")
+        output, loss = split_loss(call, f, loss_fn)
         check_chunk_size(call, chunk_size)
         check_randomness(call, randomness, _OPERATOR_RANDOMNESS)
         _check_reuse(call, reuse)
         budget, _ = budget_of(call, max_memory)
         check_primals(call, (params,), ["params"])
+        check_function(call, f)
         _refuse_loader(call, (inputs, targets))
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
         product = ggn_vp(f, loss_fn=loss_fn, randomness=randomness)
-        output, loss = split_loss(call, f, loss_fn)
         self.f, self.params, self.inputs, self.targets = f, params, inputs, targets
         rng = RandomState(tree_flatten(params)[0][0].device)
         if randomness != "error":
             rng.save()
 
         def mv(v: PyTree) -> PyTree:
-            return product(params, v, inputs, targets)
+            return _told_as(f"{call} @ v", product, params, v, inputs, targets)
 
         leaves, spec = tree_flatten(params)
 
         def build(rewind: Callable[[], None], limit: int | None) -> Linearisation | None:
-            check_function(call, f)
             return _within(GGNAt(f"{call} @ v", lambda p: output(p, inputs), lambda z: loss(z, targets), leaves,
                                  spec.unflatten, rewind=rewind), limit)
 
         fresh = _Replayed(mv, rng) if randomness != "error" else mv
         self._kept = _Kept(f"{call} @ v", build, fresh, params, reuse, budget, rng, randomness)
+        _check_point(call, lambda p: loss(output(p, inputs), targets), randomness, params)
         super().__init__(self._kept.mv, params, symmetric=True, chunk_size=chunk_size if chunk_size != "auto" else None)
+        self.randomness = "same" if randomness != "error" else "error"
 
 
 class DatasetOperator(_CurvatureOperator):

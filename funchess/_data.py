@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ._compose import RandomState, random_error
-from ._errors import InvalidArgumentError, StructureError, UnsupportedError
+from ._checks import call_f, relabel
+from ._compose import RandomState, random_error, usable
+from ._errors import FunchessError, InvalidArgumentError, StructureError, UnsupportedError
 from ._functional import ModuleFunction
 from ._memory import measure
 from ._progress import iterate
@@ -123,13 +124,24 @@ def batches(
                 f"((b['x'], b['y']) for b in loader); use (inputs, None) for a loss without targets."
             )
         inputs, targets = batch
-        moved = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, (inputs, targets))
+        if any(isinstance(t, Tensor) and t.is_meta for t in tree_flatten(batch)[0]):
+            raise InvalidArgumentError(
+                f"{call}: batch {k} holds Tensors on the meta device, which hold shapes but no values; "
+                f"expected data with values. Load the data itself (it is moved to the parameters' "
+                f"device, {device})."
+            )
+        moved = usable(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, (inputs, targets)))
         first = next((t for t in tree_flatten(moved[0])[0] if isinstance(t, Tensor)), None)
         if first is None or first.dim() == 0:
             raise StructureError(
                 f"{call}: batch {k} has inputs {_describe(inputs)} with no Tensor holding the "
                 f"samples along dim 0; expected one (its size is the batch's weight). Put the "
                 f"batched input Tensor first in the inputs."
+            )
+        if first.shape[0] == 0:
+            raise InvalidArgumentError(
+                f"{call}: batch {k} has inputs of shape {tuple(first.shape)}, no samples; expected at "
+                f"least one sample per batch. Leave empty batches out of the data."
             )
         seen += 1
         yield moved[0], moved[1], int(first.shape[0])
@@ -181,28 +193,41 @@ def accumulate(
     for `reduction="mean"` (after adding both up across processes, in data-parallel code)."""
     device = tree_flatten(params)[0][0].device
     rng = RandomState(device)
+
+    def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` refusing random numbers (randomness="error"): around the evaluations of f only, since
+        iterating a DataLoader draws from the generator too (its workers' seeds)."""
+        if randomness != "error":
+            return fn
+
+        def run(*args: Any) -> Any:
+            with rng.guard(call, DATA_FIX):
+                return fn(*args)
+
+        return run
+
     total, acc = 0.0, None
-    for group in grouped(
-        (Batch(x, t, n, normaliser(x, t, n) if reduction == "mean" else 1.0) for x, t, n in batches(call, data, device, progress)),
-        group_samples,
-    ):
-        try:
-            if randomness == "error":
-                with rng.guard(call, DATA_FIX):
-                    got = per_group(group)
+    per_group = guarded(per_group)
+    group_samples = guarded(group_samples) if callable(group_samples) else group_samples
+    try:
+        for group in grouped(
+            (Batch(x, t, n, normaliser(x, t, n) if reduction == "mean" else 1.0) for x, t, n in batches(call, data, device, progress)),
+            group_samples,
+        ):
+            got = per_group(group)
+            if acc is None:
+                acc = got
             else:
-                got = per_group(group)
-        except UnsupportedError as exc:  # an inner transform's randomness error, told as this call's
-            if "draws random numbers" not in str(exc):
-                raise
+                tree_map(lambda a, t: a.add_(t), acc, got)
+            total += sum(batch.weight for batch in group)
+    except FunchessError as exc:  # an inner transform's error, told as this call's
+        if str(exc).startswith(call):
+            raise
+        if isinstance(exc, UnsupportedError) and "draws random numbers" in str(exc):
             error = random_error(call, RuntimeError("random operation while in randomness error mode"), DATA_FIX)
             assert error is not None
             raise error from exc
-        if acc is None:
-            acc = got
-        else:
-            tree_map(lambda a, t: a.add_(t), acc, got)
-        total += sum(batch.weight for batch in group)
+        raise relabel(call, exc) from exc
     if reduction == "mean" and total == 0:
         raise InvalidArgumentError(
             f"{call}: the loss's normaliser over the whole data set is 0 (every target ignored, or all "
@@ -316,8 +341,8 @@ class Grouping:
     """One call's grouping of batches: what f costs per sample (FLOPs and the bytes autograd saves,
     measured on the first batch), and whether f evaluates under `vmap` over stacked batches."""
 
-    def __init__(self, f: Callable[..., Any], params: PyTree, randomness: str, stack_flops: float) -> None:
-        self.f, self.params, self.stack_flops = f, params, stack_flops
+    def __init__(self, f: Callable[..., Any], params: PyTree, randomness: str, stack_flops: float, call: str = "f") -> None:
+        self.f, self.params, self.stack_flops, self.call = f, params, stack_flops, call
         self.randomness = "error" if randomness == "error" else "different"
         self.flops = self.saved = 0.0
         self.measured = False
@@ -329,7 +354,7 @@ class Grouping:
         if self.measured:
             return
         with safe_ops():
-            cost = measure(lambda: apply(self.f, differentiable_params(self.params), batch.inputs, batch.targets))
+            cost = measure(lambda: call_f(self.call, apply, self.f, differentiable_params(self.params), batch.inputs, batch.targets))
         n = max(batch.n, 1)
         self.flops, self.saved, self.measured = (cost.flops + cost.conv_flops) / n, cost.saved_bytes / n, True
 

@@ -30,6 +30,7 @@ from ._checks import (
     check_randomness,
     check_reduction,
     check_tangent,
+    relays_warnings,
 )
 from ._compose import check_function, usable
 from ._data import (
@@ -52,8 +53,8 @@ from ._ggn import ggn, ggn_vp, split_loss
 from ._hessian import hessian
 from ._hvp import hvp
 from ._linearisation import GGNAt, HessianAt, Reroute
-from ._memory import budget_of
-from ._tree import from_matrix, to_matrix, tree_flatten
+from ._memory import budget_of, check_fits
+from ._tree import from_matrix, promoted_dtype, to_matrix, tree_flatten
 
 __all__ = ["dataset_hessian", "dataset_hvp", "dataset_ggn", "dataset_ggn_vp", "DatasetProducts", "SumAt", "DATA_RANDOMNESS"]
 
@@ -78,6 +79,14 @@ def _check(call: str, f: Any, reduction: Any, randomness: Any, progress: Any) ->
     check_reduction(call, reduction)
     check_randomness(call, randomness, DATA_RANDOMNESS)
     check_progress(call, progress)
+
+
+def _plan_sum(here: str, what: str, params: PyTree, budget: int | None, budget_from: str) -> None:
+    """The data-set sum and one group's (or batch's) matrix, planned before either is allocated."""
+    leaves = tree_flatten(params)[0]
+    N = sum(leaf.numel() for leaf in leaves)
+    check_fits(here, f"the data-set {what} of {N:,} parameters (the sum and one batch's)",
+               2 * N * N * promoted_dtype(leaves).itemsize, leaves[0].device, budget, budget_from, _FIXES)
 
 
 def _too_big(here: str, exc: MemoryBudgetError) -> MemoryBudgetError:
@@ -134,7 +143,7 @@ class DatasetProducts:
         self.curvature = curvature
 
     def __call__(self, here: str, params: PyTree, V: PyTree, data: Iterable[Any], progress: bool | None, *, batched: bool = False) -> PyTree:
-        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"))
+        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
 
         def product(parts: list[Batch | Stack]) -> PyTree:
             if batched:
@@ -164,7 +173,7 @@ class DatasetProducts:
         """Every group's linearisation (`funchess/_linearisation.py`), built in one pass over the
         data, as one sum whose products need the data no more; None as soon as the graphs held
         pass `limit` bytes (they are dropped: products then iterate the data)."""
-        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"))
+        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
         leaves, spec = tree_flatten(params)
         reroute, kept, held = Reroute(), [], 0
 
@@ -297,19 +306,21 @@ def dataset_hessian(
     _check(call, f, reduction, randomness, progress)
     check_mode(call, mode)
     check_chunk_size(call, chunk_size)
-    budget_of(call, max_memory)
     options = {"mode": mode, "chunk_size": chunk_size, "max_memory": max_memory, "randomness": _inner(randomness)}
+    budget, budget_from = budget_of(call, max_memory)
     H_batch = hessian(f, **options)  # type: ignore[arg-type]
     H_group = hessian(functools.partial(group_loss, f), **options)  # type: ignore[arg-type]
     normaliser = normaliser_of(f)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_hessian_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, data)"
         params = usable(params)
         check_function(here, f)
         check_primals(here, (params,), ["params"])
-        grouping = Grouping(f, params, randomness, STACK_FLOPS)
+        _plan_sum(here, "Hessian", params, budget, budget_from)
+        grouping = Grouping(f, params, randomness, STACK_FLOPS, here)
 
         def per_group(group: list[Batch]) -> Tensor:
             parts = grouping.parts(group)
@@ -364,11 +375,11 @@ def dataset_hvp(
         f: the batch loss `f(params, inputs, targets)`.
         reduction: "mean" (default) or "sum": how f reduces over a batch.
         mode: as for `funchess.hvp`.
+        progress: True, None (only on a terminal) or False (default).
+        randomness: "error" (default) or "different", as for `funchess.dataset_hessian`.
 
     Returns:
         A function `(params, v, data) -> H v` (funchess's product convention).
-        progress: True, None (only on a terminal) or False (default).
-        randomness: "error" (default) or "different", as for `funchess.dataset_hessian`.
 
     Example:
         >>> import torch, funchess
@@ -385,6 +396,7 @@ def dataset_hvp(
     products = DatasetProducts(call, f, "hessian", reduction=reduction, mode=mode, randomness=randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_hvp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, v, data)"
         params, v = usable(params), usable(v)
@@ -428,14 +440,18 @@ def dataset_ggn(
     call = call_label("dataset_ggn", {"loss_fn": loss_fn, "reduction": reduction, "chunk_size": chunk_size,
                                       "max_memory": max_memory, "progress": progress, "randomness": randomness})
     _check(call, f, reduction, randomness, progress)
+    budget, budget_from = budget_of(call, max_memory)
     G_fn = ggn(f, loss_fn=loss_fn, chunk_size=chunk_size, max_memory=max_memory, randomness=_inner(randomness))
     normaliser = normaliser_of(f)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_ggn_fn(params: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, data)"
         params = usable(params)
+        check_function(here, f)
         check_primals(here, (params,), ["params"])
+        _plan_sum(here, "GGN", params, budget, budget_from)
 
         def per_batch(group: list[Batch]) -> Tensor:
             (b,) = group
@@ -478,6 +494,7 @@ def dataset_ggn_vp(
     products = DatasetProducts(call, f, "ggn", loss_fn=loss_fn, reduction=reduction, randomness=randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def dataset_ggn_vp_fn(params: PyTree, v: PyTree, data: Iterable[Any]) -> PyTree:
         here = f"{call}(params, v, data)"
         params, v = usable(params), usable(v)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_positive
+from ._checks import check_count, check_positive, relays_warnings
 from ._errors import ConvergenceWarning, InvalidArgumentError
 from ._linalg import Products, check_generator, draw, orthogonalise, tridiagonal
 from ._operator import LinearOperator, check_operator
@@ -124,6 +124,7 @@ def _check_every(steps: int) -> int:
     return 1 if steps <= 200 else steps // 50
 
 
+@relays_warnings
 def eigsh(
     op: LinearOperator,
     k: int = 1,
@@ -174,6 +175,36 @@ def eigsh(
         True
     """
     call = f"funchess.eigsh(op, k={k!r}, which={which!r})"
+    op, steps, rtol, gen = _check_eigsh(call, op, k, which, tol, max_iter, generator)
+    products = Products(call, op, progress, steps, "eigsh")
+    try:
+        run = _lanczos(products, op, steps, k, which, rtol, gen)
+    finally:
+        products.close()
+    m = run.theta.numel()
+    ritz = run.S[:, run.idx].T @ run.basis[:m]
+    ritz = ritz / ritz.norm(dim=1, keepdim=True)
+    if not run.converged:
+        warnings.warn(
+            f"{call}: Lanczos stopped after max_iter={steps} products with relative residuals up "
+            f"to {float((run.res / run.theta.abs().max()).max()):.3g} > tol={rtol:.3g}. Raise max_iter or "
+            f"tol; the eigenvalues returned are the current Ritz values.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return EigenResult(
+        eigenvalues=run.theta[run.idx],
+        eigenvectors=[unravel(r, op.structure) for r in ritz],
+        residuals=run.res,
+        num_hvps=products.count,
+        converged=run.converged,
+    )
+
+
+def _check_eigsh(
+    call: str, op: Any, k: Any, which: Any, tol: Any, max_iter: Any, generator: Any
+) -> tuple[LinearOperator, int, float, torch.Generator | None]:
+    """`eigsh`'s checked arguments: the operator, the step limit, the tolerance, the generator."""
     op = check_operator(call, op)
     n = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -191,72 +222,68 @@ def eigsh(
             f"{call}: Lanczos needs a symmetric operator, got one with symmetric=False. Pass a "
             f"curvature operator (Hessian, GGN), or symmetrise it."
         )
-    eps = torch.finfo(op.dtype).eps
-    rtol = eps**0.5 if tol is None else check_positive(call, "tol", tol)
+    rtol = torch.finfo(op.dtype).eps ** 0.5 if tol is None else check_positive(call, "tol", tol)
     steps = min(n, max(100, 10 * k)) if max_iter is None else min(n, check_count(call, "max_iter", max_iter, k))
-    gen = check_generator(call, generator)
+    return op, steps, rtol, check_generator(call, generator)
 
+
+@dataclass
+class _Run:
+    """Where one Lanczos run stopped: its basis and tridiagonal matrix, the Ritz values `theta`
+    with eigenvectors `S`, the wanted ones `idx`, their residual bounds and whether they converged."""
+
+    basis: Tensor
+    theta: Tensor
+    S: Tensor
+    idx: Tensor
+    res: Tensor
+    converged: bool
+
+
+def _lanczos(
+    products: Products, op: LinearOperator, steps: int, k: int, which: str, rtol: float, gen: torch.Generator | None
+) -> _Run:
+    """Lanczos with full reorthogonalisation until the `k` wanted Ritz pairs converge (checked every
+    `_check_every` steps), restarting in the complement after a breakdown."""
+    n, eps = op.shape[0], torch.finfo(op.dtype).eps
     basis = torch.empty(steps, n, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(steps, dtype=op.dtype, device=op.device)
     beta = torch.zeros(steps, dtype=op.dtype, device=op.device)  # beta[j] couples steps j and j+1
-    products = Products(call, op, progress, steps, "eigsh")
     q = draw(1, n, "normal", gen, op)[0]
     q = q / q.norm()
     block = 0  # where the open Krylov block starts (a new one opens after each breakdown)
-    converged = False
     theta = S = idx = res = torch.zeros(0, dtype=op.dtype)
-    try:
-        for j in range(steps):
-            basis[j] = q
-            w = products(q.unsqueeze(0))[0]
-            alpha[j] = torch.dot(q, w)
-            w = w - alpha[j] * q - (beta[j - 1] * basis[j - 1] if j > block else 0)
-            w = orthogonalise(w, basis[: j + 1])
-            b = w.norm()
-            scale_now = torch.cat([alpha[: j + 1].abs(), beta[:j].abs()]).max()
-            breakdown = bool(b <= min(rtol, eps**0.5) * scale_now)  # numerically invariant
-            full = j + 1 == n  # the Krylov space is the whole space: Ritz pairs are exact
-            if j + 1 == steps or full or breakdown or (j + 1) % _check_every(steps) == 0:
-                theta, S = torch.linalg.eigh(tridiagonal(alpha[: j + 1], beta[:j]))
-                idx = _pick(theta, which, k)
-                scale = theta.abs().max().clamp_min(torch.finfo(op.dtype).tiny)
-                res = b * S[-1, idx].abs()
-                if full or (
-                    j + 1 >= k
-                    and not breakdown  # an invariant block says nothing about its complement
-                    and bool((res <= rtol * scale).all())
-                    and _open_block_settled(alpha, beta, block, j, b, which, rtol * scale)
-                ):
-                    converged = True
-                    break
-            if j + 1 == steps:
-                break
-            if breakdown:  # go on in the complement from a fresh direction; T splits (beta = 0)
-                w = orthogonalise(draw(1, n, "normal", gen, op)[0], basis[: j + 1])
-                q, block = w / w.norm(), j + 1
-            else:
-                beta[j] = b
-                q = w / b
-    finally:
-        products.close()
-    m = theta.numel()
-    ritz = S[:, idx].T @ basis[:m]
-    ritz = ritz / ritz.norm(dim=1, keepdim=True)
-    if not converged:
-        warnings.warn(
-            f"{call}: Lanczos stopped after max_iter={steps} products with relative residuals up "
-            f"to {float((res / theta.abs().max()).max()):.3g} > tol={rtol:.3g}. Raise max_iter or "
-            f"tol; the eigenvalues returned are the current Ritz values.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    return EigenResult(
-        eigenvalues=theta[idx],
-        eigenvectors=[unravel(r, op.structure) for r in ritz],
-        residuals=res,
-        num_hvps=products.count,
-        converged=converged,
-    )
+    for j in range(steps):
+        basis[j] = q
+        w = products(q.unsqueeze(0))[0]
+        alpha[j] = torch.dot(q, w)
+        w = w - alpha[j] * q - (beta[j - 1] * basis[j - 1] if j > block else 0)
+        w = orthogonalise(w, basis[: j + 1])
+        b = w.norm()
+        scale_now = torch.cat([alpha[: j + 1].abs(), beta[:j].abs()]).max()
+        breakdown = bool(b <= min(rtol, eps**0.5) * scale_now)  # numerically invariant
+        full = j + 1 == n  # the Krylov space is the whole space: Ritz pairs are exact
+        if j + 1 == steps or full or breakdown or (j + 1) % _check_every(steps) == 0:
+            theta, S = torch.linalg.eigh(tridiagonal(alpha[: j + 1], beta[:j]))
+            idx = _pick(theta, which, k)
+            scale = theta.abs().max().clamp_min(torch.finfo(op.dtype).tiny)
+            res = b * S[-1, idx].abs()
+            if full or (
+                j + 1 >= k
+                and not breakdown  # an invariant block says nothing about its complement
+                and bool((res <= rtol * scale).all())
+                and _open_block_settled(alpha, beta, block, j, b, which, rtol * scale)
+            ):
+                return _Run(basis, theta, S, idx, res, True)
+        if j + 1 == steps:
+            break
+        if breakdown:  # go on in the complement from a fresh direction; T splits (beta = 0)
+            w = orthogonalise(draw(1, n, "normal", gen, op)[0], basis[: j + 1])
+            q, block = w / w.norm(), j + 1
+        else:
+            beta[j] = b
+            q = w / b
+    return _Run(basis, theta, S, idx, res, False)
 
 
 # ----------------------------------------------------------------------------- spectral density
@@ -300,6 +327,7 @@ def _lanczos_batch(
     return alpha, beta, length
 
 
+@relays_warnings
 def spectral_density(
     op: LinearOperator,
     *,

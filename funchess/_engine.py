@@ -213,13 +213,19 @@ class Sink:
         self.pieces.setdefault((x, y), []).append(piece)
 
     def _assembled(self, x: int, y: int) -> Tensor:
+        if (x, y) not in self.pieces:  # an empty leaf: no rows were computed
+            return self._zeros(x, y)
         return torch.cat(self.pieces[(x, y)], 0).reshape(self.layout.block_shape(x, y))
+
+    def _zeros(self, x: int, y: int) -> Tensor:
+        lay = self.layout
+        return torch.zeros(lay.block_shape(x, y), dtype=lay.dtype, device=lay.device)
 
 
 def transposed(block: Tensor, ndim_x: int) -> Tensor:
     """`H[y][x]` from `H[x][y]` (shape `(*x, *y)` -> `(*y, *x)`), as a view."""
     ndim_y = block.dim() - ndim_x
-    return block.permute(*range(ndim_x, ndim_x + ndim_y), *range(ndim_x))
+    return block.permute((*range(ndim_x, ndim_x + ndim_y), *range(ndim_x)))
 
 
 class DenseSink(Sink):
@@ -244,7 +250,8 @@ class DenseSink(Sink):
         lay = self.layout
         outer = (lay.shapes, lay.spec)
         if not self.functional:
-            assert self.M is not None
+            if self.M is None:  # no rows: every leaf is empty
+                self.M = torch.zeros(lay.N, lay.N, dtype=lay.dtype, device=lay.device)
             M, off = self.M, lay.off
             for x, y in self.computed:
                 if x != y:
@@ -255,7 +262,9 @@ class DenseSink(Sink):
         def block(a: int, b: int) -> Tensor:
             if (a, b) in computed:
                 return computed[(a, b)]
-            return transposed(computed[(b, a)], len(lay.shapes[b]))
+            if (b, a) in computed:
+                return transposed(computed[(b, a)], len(lay.shapes[b]))
+            return self._zeros(a, b)  # an empty leaf: no rows were computed
 
         return tree_product(outer, outer, block)
 
@@ -265,7 +274,7 @@ _TILE = 512
 
 def _mirror(M: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
     """`M[c0:c1, r0:r1] = M[r0:r1, c0:c1].T` in square tiles: a whole-block transposed copy
-    strides through memory and measures ~8x slower than 512 x 512 tiles that stay in cache."""
+    strides through memory; square tiles stay in cache (benchmarks/RESULTS.md)."""
     for i in range(r0, r1, _TILE):
         ie = min(r1, i + _TILE)
         for j in range(c0, c1, _TILE):
@@ -297,7 +306,12 @@ class SelectedSink(Sink):
             computed = {xy: buf.reshape(lay.block_shape(*xy)) for xy, buf in self.buffers.items()}
         out: dict[str, dict[str, Tensor]] = {}
         for a, b in sorted(wanted):
-            block = computed[(a, b)] if (a, b) in computed else transposed(computed[(b, a)], len(lay.shapes[b]))
+            if (a, b) in computed:
+                block = computed[(a, b)]
+            elif (b, a) in computed:
+                block = transposed(computed[(b, a)], len(lay.shapes[b]))
+            else:  # an empty leaf: no rows were computed
+                block = self._zeros(a, b)
             out.setdefault(lay.names[a], {})[lay.names[b]] = block
         return out
 
@@ -322,10 +336,13 @@ class DiagonalSink(Sink):
 
     def finish(self, leaves: Sequence[int], as_tree: bool) -> PyTree:
         lay = self.layout
+        def empty(x: int) -> Tensor:  # an empty leaf: no rows were computed
+            return torch.zeros(lay.shapes[x], dtype=lay.leaves[x].dtype, device=lay.device)
+
         if self.functional:
-            vals = {x: torch.cat(self.pieces[(x, x)]).reshape(lay.shapes[x]) for x in leaves}
+            vals = {x: torch.cat(self.pieces[(x, x)]).reshape(lay.shapes[x]) if (x, x) in self.pieces else empty(x) for x in leaves}
         else:
-            vals = {x: self.diag[x].reshape(lay.shapes[x]) for x in leaves}
+            vals = {x: self.diag[x].reshape(lay.shapes[x]) if x in self.diag else empty(x) for x in leaves}
         if as_tree:
             return tree_unflatten(lay.spec, [vals[x] for x in range(len(lay.leaves))])
         return {lay.names[x]: vals[x] for x in leaves}

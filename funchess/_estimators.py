@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._checks import deprecated
+from ._checks import deprecated, relays_warnings
 from ._errors import InvalidArgumentError
 from ._linalg import Products, check_estimator, draw, mean_and_error, probe_batches
 from ._operator import LinearOperator
@@ -152,6 +152,7 @@ def _hutchpp_trace(
     return TraceEstimate(value=top + rest, std_error=err, num_hvps=products.count)
 
 
+@relays_warnings
 def diagonal_estimate(
     op: LinearOperator,
     num_hvps: int = 100,
@@ -194,6 +195,7 @@ def diagonal_estimate(
 
 
 
+@relays_warnings
 def trace_estimate(
     op: LinearOperator,
     num_hvps: int = 100,

@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules import module as _module
+from torch.utils.data import DataLoader
 
 from ._checks import closest
-from ._errors import InvalidArgumentError, UnsupportedError
+from ._errors import FunchessError, InvalidArgumentError, StructureError, UnsupportedError
+from ._tree import tree_flatten
 
 __all__ = ["functional", "ModuleFunction"]
 
@@ -71,6 +75,104 @@ def _without_backward_hooks(model: nn.Module) -> Iterator[None]:
         for m, hooks, pre in saved:
             m._backward_hooks, m._backward_pre_hooks = hooks, pre
         _module._global_backward_hooks, _module._global_backward_pre_hooks = glob
+
+
+# ----------------------------------------------------------------------------- the model's errors
+
+#: torch errors that arise from what reaches the model or the loss (not from a bug in the model):
+#: they are re-raised as funchess errors naming the fix when the arguments show the cause.
+_DTYPE = re.compile(r"dtype|scalar type|type \(\w+\) and (?:weight|bias) type", re.IGNORECASE)
+_DEVICE = re.compile(r"device", re.IGNORECASE)
+_SHAPE = re.compile(
+    r"shapes? cannot be multiplied|size mismatch|must match the size|batch_size|expected input\[|"
+    r"to have \d+ channels|input\.size\(-1\) must be equal|The size of tensor a|dimension out of range|"
+    r"Expected \d+D|must be Tensor, not|out of bounds|index out of range|doesn't match the broadcast shape",
+    re.IGNORECASE,
+)
+_CAUGHT = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
+
+
+def _describe(tree: Any) -> str:
+    shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in _tensors(tree)]
+    return ", ".join(shapes[:3]) + (", ..." if len(shapes) > 3 else "") if shapes else f"a {type(tree).__name__}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def _model_error(call: str, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], inputs: Any,
+                 exc: BaseException) -> FunchessError | None:
+    """A funchess error for a torch error of the model's forward whose cause the arguments show
+    (data of another dtype or device than the parameters, a shape the model cannot take, a data
+    loader where one batch belongs), else None: the error is the model's own and stays as it is."""
+    if isinstance(exc, FunchessError):
+        return None
+    text = _first_line(exc)
+    data = _tensors(inputs)
+    weights = [t for t in (*params.values(), *buffers.values()) if t.is_floating_point()]
+    if isinstance(inputs, DataLoader) or any(isinstance(a, DataLoader) for a in tree_flatten(inputs)[0]):
+        return InvalidArgumentError(
+            f"{call}: expected one batch of inputs, got a DataLoader ({text}). For the curvature of a "
+            f"whole data set use funchess.dataset_hessian / dataset_hvp / dataset_ggn, or "
+            f"funchess.DatasetOperator(f, params, loader)."
+        )
+    want = weights[0].dtype if weights else None
+    floats = sorted({str(t.dtype) for t in data if t.is_floating_point() and t.dtype != want})
+    if want is not None and floats and _DTYPE.search(text):
+        return InvalidArgumentError(
+            f"{call}: the inputs have dtype {', '.join(floats)} but the model's parameters have "
+            f"{want}; expected one floating dtype ({text}). Convert the data (x.to({want})), or the "
+            f"model (model.to(dtype)) and call funchess.functional again."
+        )
+    devices = {t.device for t in (*data, *weights)}
+    if len(devices) > 1 and _DEVICE.search(text):
+        where = weights[0].device if weights else None
+        return InvalidArgumentError(
+            f"{call}: the inputs are on {', '.join(sorted({str(t.device) for t in data}))} but the "
+            f"model's parameters are on {where}; expected one device ({text}). Move the data "
+            f"(x.to('{where}')), or the model and its params."
+        )
+    if _SHAPE.search(text):
+        return StructureError(
+            f"{call}: the model cannot run on inputs of shape {_describe(inputs)}; expected inputs "
+            f"shaped like a batch the model takes ({text}). Check the inputs' shapes (e.g. the "
+            f"feature dimension of the first layer) and how they are packed: one Tensor, a tuple "
+            f"of positional inputs, or a dict."
+        )
+    return None
+
+
+def _loss_error(call: str, out: Any, targets: Any, exc: BaseException) -> FunchessError | None:
+    """A funchess error for a torch error of the loss whose cause the targets show (class indices
+    of another integer dtype than int64, floating targets of another dtype than the output,
+    targets that do not match the output), else None."""
+    if isinstance(exc, FunchessError):
+        return None
+    text = _first_line(exc)
+    outs = [t for t in _tensors(out) if t.is_floating_point()]
+    for t in _tensors(targets):
+        if not t.is_floating_point() and t.dtype not in (torch.int64, torch.uint8, torch.bool) and _DTYPE.search(text):
+            return InvalidArgumentError(
+                f"{call}: the targets have dtype {t.dtype}; expected torch.int64 class indices, which "
+                f"torch's classification losses take ({text}). Convert them: targets.long()."
+            )
+        if t.is_floating_point() and outs and t.dtype != outs[0].dtype and _DTYPE.search(text):
+            return InvalidArgumentError(
+                f"{call}: the targets have dtype {t.dtype} but the model output has {outs[0].dtype}; "
+                f"expected one dtype ({text}). Convert the targets: targets.to({outs[0].dtype})."
+            )
+    if _SHAPE.search(text) or _DTYPE.search(text):
+        return StructureError(
+            f"{call}: the loss cannot take the model output ({_describe(out)}) with targets "
+            f"({_describe(targets)}); expected targets that match the output ({text}). Pass the "
+            f"batch's own targets (class indices in [0, classes) for a classification loss)."
+        )
+    return None
 
 
 class ModuleFunction:
@@ -194,12 +296,25 @@ class ModuleFunction:
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         hooks = _without_backward_hooks(self.model) if self.backward_hooks == "skip" else contextlib.nullcontext()
         with hooks:
-            return functional_call(self.model, (dict(params), buffers), args, kwargs, strict=False)
+            try:
+                return functional_call(self.model, (dict(params), buffers), args, kwargs, strict=False)
+            except _CAUGHT as exc:
+                error = _model_error(f"{self!r}(params, ...)", params, buffers, (args, kwargs), exc)
+                if error is None:
+                    raise
+                raise error from exc
 
     def output(self, params: Mapping[str, Tensor], inputs: Any) -> Any:
         """The model output for `inputs` packed as in `f(params, inputs, targets)`: one Tensor, a
         tuple of positional inputs, or a dict (keywords or one positional argument, see
         `dict_inputs`); the loss is not applied."""
+        first = next(iter(_tensors(inputs)), None)
+        if first is not None and first.dim() > 0 and first.shape[0] == 0:
+            raise InvalidArgumentError(
+                f"{self!r}(params, inputs, targets): expected a batch of at least one sample, got "
+                f"inputs of shape {tuple(first.shape)} (the loss of an empty batch is NaN or 0, "
+                f"not a curvature). Pass a non-empty batch."
+            )
         if isinstance(inputs, Mapping):
             keywords = (
                 self.dict_inputs == "keywords"
@@ -220,7 +335,19 @@ class ModuleFunction:
                 f"f(params, inputs, targets); pack several model inputs into a tuple or dict."
             )
         out = self.output(params, args[0])
-        return self.loss_fn(out) if len(args) == 1 else self.loss_fn(out, args[1])
+        return self.loss(out, args[1]) if len(args) > 1 else self.loss(out)
+
+    def loss(self, out: Any, *targets: Any) -> Any:
+        """`loss_fn(out, *targets)`, with torch's errors about the targets told as funchess errors
+        naming the fix."""
+        assert self.loss_fn is not None
+        try:
+            return self.loss_fn(out, *targets)
+        except _CAUGHT as exc:
+            error = _loss_error(f"{self!r}(params, inputs, targets)", out, targets[0] if targets else None, exc)
+            if error is None:
+                raise
+            raise error from exc
 
 
 def _select(call: str, model: nn.Module, patterns: str | Iterable[str] | None) -> dict[str, Tensor]:

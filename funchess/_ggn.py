@@ -23,6 +23,7 @@ from ._checks import (
     ChunkSize,
     Randomness,
     Reduction,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -31,6 +32,7 @@ from ._checks import (
     check_randomness,
     check_reduction,
     check_tangent,
+    relays_warnings,
 )
 from ._compat import inside_transform, vjp
 from ._compose import RandomState, check_function, differentiable, random_errors, usable
@@ -43,7 +45,7 @@ from ._memory import PASS_ENTRIES, budget_of, check_fits
 from ._per_sample import sample_chunks
 from ._safe_ops import safe_ops
 from ._samples import PER_SAMPLE_FIX, Samples, check_per_sample, per_sample_data, per_sample_gradients
-from ._tree import chunks, from_matrix, offsets, promoted_dtype, ravel, tree_flatten, unravel
+from ._tree import chunks, from_matrix, offsets, promoted_dtype, ravel, tree_flatten, tree_map, unravel
 
 __all__ = ["ggn", "ggn_vp", "per_sample_ggn", "empirical_fisher", "split_loss"]
 
@@ -61,7 +63,7 @@ def split_loss(
     """`(output(params, inputs), loss(output, targets))` from a ModuleFunction or a model function."""
     check_callable(call, f)
     if isinstance(f, ModuleFunction):
-        loss = loss_fn if loss_fn is not None else f.loss_fn
+        loss = loss_fn if loss_fn is not None else (f.loss if f.loss_fn is not None else None)
         output: Callable[[Any, Any], Any] = f.output
     else:
         loss, output = loss_fn, f
@@ -184,6 +186,7 @@ def ggn(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def ggn_fn(params: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
@@ -194,11 +197,13 @@ def ggn(
         itemsize = promoted_dtype(leaves).itemsize
         check_fits(here, f"the GGN of {N:,} parameters", N * N * itemsize, device, budget, budget_from, _GGN_FIXES)
         with differentiable(), safe_ops(), _guarded(here, randomness, device):
-            z = output(params, inputs)  # the output size, to plan J before forming it
+            # the output size, to plan J before forming it (at parameters that require grad, so that an
+            # in-place write into them is refused as in every derivative pass, not made)
+            z = call_f(here, output, tree_map(lambda t: t.detach().requires_grad_(True), params), inputs)
             M = sum(_numels(z))
             check_fits(here, f"the GGN of {N:,} parameters with {M:,} outputs (J, H_z J and the result)",
                        (N * N + 2 * M * N) * itemsize, device, budget, budget_from, _GGN_FIXES)
-            J, z = _jacobian_and_output(output, params, inputs, chunk)
+            J, z = call_f(here, _jacobian_and_output, output, params, inputs, chunk)
             loss_z = functools.partial(lambda zz, t: loss(zz, t), t=targets)
             if M <= N:
                 HJ = _loss_hessian(loss_z, z) @ J
@@ -249,6 +254,7 @@ def ggn_vp(
     check_randomness(call, randomness, _BATCH_RANDOMNESS)
 
     @functools.wraps(f)
+    @relays_warnings
     def ggn_vp_fn(params: PyTree, v: PyTree, inputs: Any, targets: Any = None) -> PyTree:
         here = f"{call}(params, v, inputs, targets)"
         params, v, inputs, targets = usable(params), usable(v), usable(inputs), usable(targets)
@@ -257,7 +263,7 @@ def ggn_vp(
         check_tangent(here, params, v)
         device = tree_flatten(params)[0][0].device
         with differentiable(), safe_ops(), _guarded(here, randomness, device):
-            z, pullback = vjp(lambda p: output(p, inputs), params)
+            z, pullback = call_f(here, vjp, lambda p: output(p, inputs), params)
             _, transpose = vjp(lambda u: pullback(u)[0], _zeros_like(z))
             Jv = transpose(v)[0]
             HJv = hvp(lambda zz: loss(zz, targets))(z, Jv)
@@ -328,6 +334,7 @@ def per_sample_ggn(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def per_sample_ggn_fn(params: PyTree, inputs: Any, targets: Any = None, *, out: Tensor | None = None) -> PyTree:
         here = f"{call}(params, inputs, targets)"
         params, inputs, targets = usable(params), usable(inputs), usable(targets)
@@ -354,7 +361,7 @@ def per_sample_ggn(
             run = vmap(factors, randomness=randomness)
             for b0, b1 in chunks(B, chunk):
                 with random_errors(here, PER_SAMPLE_FIX):
-                    J, HJ = run(*samples.tensors(b0, b1))
+                    J, HJ = call_f(here, run, *samples.tensors(b0, b1))
                 if inside_transform():
                     pieces.append(J.transpose(1, 2) @ HJ)
                     continue
@@ -416,6 +423,7 @@ def empirical_fisher(
     budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
+    @relays_warnings
     def empirical_fisher_fn(params: PyTree, *data: Any) -> PyTree:
         params, data = usable(params), usable(data)
         here, samples = per_sample_data(call, f, params, data)

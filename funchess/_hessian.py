@@ -34,6 +34,7 @@ from ._checks import (
     check_mode,
     check_primals,
     check_randomness,
+    relays_warnings,
     scalar_output,
 )
 from ._compat import inside_transform
@@ -324,6 +325,7 @@ def hessian(
     o = _Options.checked("hessian", f, argnums, has_aux, mode, chunk_size, blocks, max_memory, randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
         prep = _prepare(o, f, args, kwargs)
         lay = prep.layout
@@ -359,6 +361,12 @@ def hessian_diagonal(
     memory is O(N) plus one chunk's working set. For an estimate from a few products instead, see
     `funchess.diagonal_estimate`.
 
+    When `f` is `funchess.functional(model, loss_fn)` with `model` an `nn.Sequential` of modules
+    with rules (Linear, Conv, activations, norms, pooling, ...; see `funchess.ggn_diagonal`), called
+    as `f(params, inputs, targets)` with the default options, a module-aware backward sweep gives
+    the same diagonal far faster: the loss Hessian's factor plus the activations' second-order
+    terms, pulled through the modules (BackPACK's method, for more modules).
+
     Args:
         f, argnums, has_aux, mode, chunk_size, max_memory, randomness: as for `funchess.hessian`.
         blocks: None for every parameter (the result is shaped like the differentiated argument),
@@ -378,8 +386,15 @@ def hessian_diagonal(
     o = _Options.checked("hessian_diagonal", f, argnums, has_aux, mode, chunk_size, blocks, max_memory, randomness)
 
     @functools.wraps(f)
+    @relays_warnings
     def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
         prep = _prepare(o, f, args, kwargs)
+        if o.argnums == 0 and not has_aux and blocks is None and o.mode == "auto" and o.randomness == "error" and not kwargs:
+            from ._diagonal import structured_hessian_diagonal  # the module-aware sweep, where it applies
+
+            fast = structured_hessian_diagonal(f, *args, chunk_size=o.chunk, max_memory=max_memory)
+            if fast is not None:
+                return fast
         lay = prep.layout
         chosen = resolve_leaves(prep.call, blocks, lay.names)
         request = {(x, x) for x in chosen}
@@ -421,6 +436,7 @@ def plan_hessian(
     """
     o = _Options.checked("plan_hessian", f, argnums, False, "auto", chunk_size, blocks, max_memory, randomness)
 
+    @relays_warnings
     def plan_fn(*args: Any, **kwargs: Any) -> MemoryPlan:
         prep = _prepare(o, f, args, kwargs)
         lay = prep.layout

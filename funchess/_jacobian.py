@@ -21,21 +21,26 @@ from torch.func import vmap
 from ._checks import (
     ChunkSize,
     argnums_of,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
     check_primals,
+    relays_warnings,
     split_aux,
 )
 from ._compat import inside_transform, jvp, vjp
-from ._compose import check_function, run_modes, usable, with_primals
+from ._compose import check_function, random_errors, run_modes, usable, with_primals
 from ._errors import OutputError
-from ._memory import default_chunk
-from ._tree import basis, blocks_of, chunks, offsets, tree_flatten, tree_unflatten
+from ._memory import budget_of, check_fits, default_chunk
+from ._tree import basis, blocks_of, chunks, offsets, promoted_dtype, tree_flatten, tree_unflatten
 
 __all__ = ["jacrev", "jacfwd", "jac_rev", "jac_fwd"]
 
 PyTree = Any
+#: jacfwd pushes every direction through its own forward, so random numbers differ between the
+#: columns: the fix is the reverse-mode Jacobian, whose one forward draws them once.
+_JACFWD_RANDOM = "the function to funchess.jacrev instead (one forward pass, so one draw of the random numbers)"
 
 
 class _Fill:
@@ -72,8 +77,13 @@ def _rows_of(leaves: Sequence[Tensor], c: int) -> Tensor:
     return torch.cat([leaf.reshape(c, -1) for leaf in leaves], 1)
 
 
+#: `plan(M, N, itemsize, device)`: raise before an `(M, N)` Jacobian is allocated if it cannot fit.
+Plan = Callable[[int, int, int, torch.device], None]
+
+
 def jac_rev(
-    g: Callable[..., Any], primals: tuple[Any, ...], inner: PyTree, *, has_aux: bool, chunk_size: int | None
+    g: Callable[..., Any], primals: tuple[Any, ...], inner: PyTree, *, has_aux: bool, chunk_size: int | None,
+    plan: Plan | None = None,
 ) -> tuple[PyTree, Any]:
     """Reverse-mode Jacobian of `g(*primals)`; columns structured like `inner` (primals or primals[0])."""
     if has_aux:
@@ -84,6 +94,8 @@ def jac_rev(
     in_leaves, in_spec = tree_flatten(inner)
     out_shapes, in_shapes = [o.shape for o in out_leaves], [p.shape for p in in_leaves]
     M, N = offsets(out_shapes)[-1], offsets(in_shapes)[-1]
+    if plan is not None:
+        plan(M, N, promoted_dtype(in_leaves).itemsize, in_leaves[0].device)
     chunk = chunk_size or default_chunk(M, N)
     fill = _Fill(M, N, by_rows=True)
     pullback = vmap(vjp_fn)
@@ -100,7 +112,8 @@ def jac_rev(
 
 
 def jac_fwd(
-    g: Callable[..., Any], primals: tuple[Any, ...], inner: PyTree, *, has_aux: bool, chunk_size: int | None
+    g: Callable[..., Any], primals: tuple[Any, ...], inner: PyTree, *, has_aux: bool, chunk_size: int | None,
+    plan: Plan | None = None,
 ) -> tuple[PyTree, Any]:
     """Forward-mode Jacobian of `g(*primals)`, one `vmap`ped `jvp` per chunk of input directions."""
     in_leaves, in_spec = tree_flatten(primals)
@@ -132,6 +145,8 @@ def jac_fwd(
         if fill is None:
             out_shapes = [c.shape[1:] for c in cols]
             M = offsets(out_shapes)[-1]
+            if plan is not None:  # the first chunk told M: plan the whole result before allocating it
+                plan(M, N, promoted_dtype(in_leaves).itemsize, in_leaves[0].device)
             fill = _Fill(M, N, by_rows=False)
             chunk = chunk_size or default_chunk(N, M)
         fill.put(s, e, _rows_of(cols, e - s))
@@ -142,13 +157,17 @@ def jac_fwd(
     return blocks_of(J, (out_shapes, out_spec), ([p.shape for p in tree_flatten(inner)[0]], inner_spec)), aux
 
 
-def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any) -> Callable[..., Any]:
-    call = call_label(name, {"argnums": argnums, "has_aux": has_aux, "chunk_size": chunk_size})
+def _jacobian(
+    name: str, forward: bool, f: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any, max_memory: Any
+) -> Callable[..., Any]:
+    call = call_label(name, {"argnums": argnums, "has_aux": has_aux, "chunk_size": chunk_size, "max_memory": max_memory})
     check_callable(call, f)
     chunk = check_chunk_size(call, chunk_size)
+    budget, budget_from = budget_of(call, max_memory)
     single = isinstance(argnums, int)
 
     @functools.wraps(f)
+    @relays_warnings
     def jac_fn(*args: Any, **kwargs: Any) -> Any:
         here = f"{call}(...)"
         check_function(here, f)
@@ -159,7 +178,7 @@ def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has
         h = with_primals(f, args, kwargs, nums)
 
         def checked(*p: Any) -> Any:
-            value, aux = split_aux(here, h(*p), has_aux)
+            value, aux = split_aux(here, call_f(here, h, *p), has_aux)
             for leaf in tree_flatten(value)[0]:
                 if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
                     raise OutputError(
@@ -171,7 +190,15 @@ def _jacobian(name: str, forward: bool, f: Callable[..., Any], argnums: Any, has
 
         inner = primals[0] if single else primals
         engine = jac_fwd if forward else jac_rev
-        J, aux = run_modes(here, name, {name: lambda: engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk)})
+        def plan(M: int, N: int, itemsize: int, device: torch.device) -> None:
+            check_fits(here, f"the ({M:,}, {N:,}) Jacobian", M * N * itemsize, device, budget, budget_from,
+                       "Use products instead (torch.func.vjp / jvp, funchess.hvp), or fewer outputs or inputs")
+
+        def run() -> Any:
+            with random_errors(here, _JACFWD_RANDOM if forward else None):
+                return engine(checked, primals, inner, has_aux=has_aux, chunk_size=chunk, plan=plan)
+
+        J, aux = run_modes(here, name, {name: run})
         return (J, aux) if has_aux else J
 
     return jac_fn
@@ -183,13 +210,16 @@ def jacrev(
     *,
     has_aux: bool = False,
     chunk_size: ChunkSize = "auto",
+    max_memory: int | float | str | None = None,
 ) -> Callable[..., Any]:
     """Reverse-mode Jacobian, chunked, in torch.func's output format.
 
     `jacrev(f)(*args)` is the tree product of f's output with `args[argnums]`: a leaf of shape
     `(*out.shape, *arg.shape)` per (output leaf, argument leaf). Composition: one `vjp`, then
     `vmap` over chunks of `chunk_size` output basis vectors, written into one preallocated matrix.
-    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian.
+    `funchess.jacfwd(funchess.jacrev(f))` is the Hessian. A function that draws random numbers
+    (dropout in train mode) runs forward once, so the Jacobian is that of one draw, as with
+    `torch.func.jacrev`; `funchess.jacfwd` refuses it (every column would draw anew).
 
     Args:
         f: a function returning a Tensor or a pytree of Tensors (plus aux with `has_aux=True`).
@@ -197,6 +227,9 @@ def jacrev(
         has_aux: f returns `(output, aux)`; the result is then `(J, aux)`.
         chunk_size: output entries (rows) per vectorised pass; "auto" (default; `None` means the
             same) bounds each chunk's result automatically.
+        max_memory: the budget for the `(M, N)` result (bytes or "4GiB"; default 80 % of the
+            device's free memory): a larger Jacobian raises a sized `MemoryBudgetError` before it
+            is allocated.
 
     Example:
         >>> import torch, funchess
@@ -206,7 +239,7 @@ def jacrev(
                 [0., 4., 0.],
                 [0., 0., 6.]])
     """
-    return _jacobian("jacrev", False, f, argnums, has_aux, chunk_size)
+    return _jacobian("jacrev", False, f, argnums, has_aux, chunk_size, max_memory)
 
 
 def jacfwd(
@@ -215,10 +248,12 @@ def jacfwd(
     *,
     has_aux: bool = False,
     chunk_size: ChunkSize = "auto",
+    max_memory: int | float | str | None = None,
 ) -> Callable[..., Any]:
     """Forward-mode Jacobian with `chunk_size` (which `torch.func.jacfwd` lacks).
 
-    Same output format as `funchess.jacrev`. Composition: `vmap` of `jvp` over chunks of
+    Same output format and options as `funchess.jacrev` (with `max_memory`, the result is planned
+    once the first chunk has told its size). Composition: `vmap` of `jvp` over chunks of
     `chunk_size` input basis vectors (columns). Prefer it when f has fewer inputs than outputs.
 
     Example:
@@ -228,4 +263,4 @@ def jacfwd(
         tensor([[ 6.,  0.],
                 [ 0., 12.]])
     """
-    return _jacobian("jacfwd", True, f, argnums, has_aux, chunk_size)
+    return _jacobian("jacfwd", True, f, argnums, has_aux, chunk_size, max_memory)

@@ -38,10 +38,10 @@ from ._tree import tree_flatten, tree_map
 
 PyTree = Any
 
-#: Autograd node names of the kernels `_safe_ops` reroutes (layer/batch/instance norm, fused
-#: attention, fused recurrent layers). A superset is harmless: the forward is redone under the
-#: rerouting, which reroutes only what it knows.
-_REROUTED = re.compile(r"LayerNorm|BatchNorm|Attention|Rnn")
+#: Autograd node names of the kernels `_safe_ops` reroutes (layer/batch/instance norm, weight
+#: norm, embeddings, fused attention, fused recurrent layers). A superset is harmless: the forward
+#: is redone under the rerouting, which reroutes only what it knows, and later calls start under it.
+_REROUTED = re.compile(r"LayerNorm|BatchNorm|WeightNorm|Embedding|Attention|Rnn")
 _NODE_KINDS: dict[tuple[re.Pattern[str], type], bool] = {}
 
 
@@ -191,11 +191,12 @@ class HessianAt:
         *, has_aux: bool = False, reroute: Reroute | None = None, rewind: Callable[[], None] = lambda: None,
     ) -> None:
         xs = [t.detach().requires_grad_(True) for t in leaves]
-        out = (reroute or Reroute()).forward(lambda: h(rebuild(xs)), _roots(has_aux), rewind)
-        value, aux = _check_loss(call, out, has_aux)
-        grads: Sequence[Tensor | None] = (
-            torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
-        )
+        with torch.enable_grad():  # whatever the caller's grad mode: the products carry no graph
+            out = (reroute or Reroute()).forward(lambda: h(rebuild(xs)), _roots(has_aux), rewind)
+            value, aux = _check_loss(call, out, has_aux)
+            grads: Sequence[Tensor | None] = (
+                torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
+            )
         self.xs = xs
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.grads: list[Tensor] = [cast(Tensor, grads[i]) for i in self.live]
@@ -239,22 +240,23 @@ class GGNAt:
         rewind: Callable[[], None] = lambda: None,
     ) -> None:
         xs = [t.detach().requires_grad_(True) for t in leaves]
-        z = (reroute or Reroute()).forward(lambda: output(rebuild(xs)), lambda out: tree_flatten(out)[0], rewind)
-        zl, spec = tree_flatten(z)
-        tracked = [i for i, t in enumerate(zl) if isinstance(t, Tensor) and t.requires_grad]
-        zs = [zl[i] for i in tracked]
-        us = [torch.zeros_like(t).requires_grad_(True) for t in zs]
-        pulled: Sequence[Tensor | None] = (
-            torch.autograd.grad(zs, xs, us, create_graph=True, allow_unused=True) if zs else [None] * len(xs)
-        )
-        zz = list(zl)
-        for i in tracked:  # the loss sees the output as a new leaf: its graph is the loss's alone
-            zz[i] = zl[i].detach().requires_grad_(True)
-        zt = [zz[i] for i in tracked]
-        value = check_scalar(call, loss(spec.unflatten(zz)))
-        gz: Sequence[Tensor | None] = (
-            torch.autograd.grad(value, zt, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(zt)
-        )
+        with torch.enable_grad():  # whatever the caller's grad mode: the products carry no graph
+            z = (reroute or Reroute()).forward(lambda: output(rebuild(xs)), lambda out: tree_flatten(out)[0], rewind)
+            zl, spec = tree_flatten(z)
+            tracked = [i for i, t in enumerate(zl) if isinstance(t, Tensor) and t.requires_grad]
+            zs = [zl[i] for i in tracked]
+            us = [torch.zeros_like(t).requires_grad_(True) for t in zs]
+            pulled: Sequence[Tensor | None] = (
+                torch.autograd.grad(zs, xs, us, create_graph=True, allow_unused=True) if zs else [None] * len(xs)
+            )
+            zz = list(zl)
+            for i in tracked:  # the loss sees the output as a new leaf: its graph is the loss's alone
+                zz[i] = zl[i].detach().requires_grad_(True)
+            zt = [zz[i] for i in tracked]
+            value = check_scalar(call, loss(spec.unflatten(zz)))
+            gz: Sequence[Tensor | None] = (
+                torch.autograd.grad(value, zt, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(zt)
+            )
         self.xs, self.zs, self.us, self.zt = xs, zs, us, zt
         self.j_live = [i for i, p in enumerate(pulled) if p is not None and p.requires_grad]
         self.pulled: list[Tensor] = [cast(Tensor, pulled[i]) for i in self.j_live]

@@ -6,8 +6,9 @@ The estimate has three parts:
 - the graph kept while the chunks run: the forward's saved activations plus the first backward
   built with `create_graph` (about `3 A`, `A` the bytes autograd saves in one forward), plus a
   fixed 8 MiB for the allocator's and Python's own temporaries;
-- per row of a vectorised pass: the double backward's intermediates (about `2 A`; measured
-  0.9-2.2 A on MLPs and conv nets, see tests/test_memory.py) plus the basis row and the result row.
+- per row of a vectorised pass: the double backward's intermediates (about `2 A`, calibrated on
+  MLPs and conv nets; tests/test_memory.py checks measured peaks against the plan) plus the basis
+  row and the result row.
 
 `A` is measured, not guessed: one forward runs under `torch.autograd.graph.saved_tensors_hooks`
 that add up the bytes of every saved tensor (the same probe counts the FLOPs of its matrix products
@@ -136,7 +137,7 @@ _FLOPS: dict[Any, Callable[..., int]] = {
 
 class _CountFlops(TorchDispatchMode):
     """Counts the FLOPs of the matrix products and convolutions every operator lowers to (a lean
-    `torch.utils.flop_counter.FlopCounterMode`: measured 5x cheaper on small models)."""
+    `torch.utils.flop_counter.FlopCounterMode`, with a fraction of its overhead)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -232,7 +233,7 @@ def make_plan(
     joint: bool = False,
 ) -> MemoryPlan:
     """`joint`: every row is a basis vector and a result row over all parameters (`max_width`
-    entries each) and about `A` of intermediates (measured 0.7-1.0 A on small MLPs); otherwise a
+    entries each) and about `A` of intermediates (calibrated on small MLPs); otherwise a
     basis row of `max_rows` entries, a result row plus its copy, and `2 A`."""
     graph = int(_GRAPH_FACTOR * saved) + _OVERHEAD
     if joint:

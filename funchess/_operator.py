@@ -33,7 +33,7 @@ from torch.func import vjp, vmap
 
 from ._checks import check_callable, check_chunk_size
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
-from ._memory import default_chunk
+from ._memory import budget_of, check_fits, default_chunk
 from ._tree import basis, chunks, offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
 
 __all__ = [
@@ -80,6 +80,10 @@ class LinearOperator(abc.ABC):
                 [1., 3.]])
     """
 
+    #: the randomness of the `vmap` over vectors: "error", or "same" for an operator that replays
+    #: one draw of random numbers in every product (curvature operators with randomness="same")
+    randomness: str = "error"
+
     def __init__(
         self,
         structure: PyTree,
@@ -120,7 +124,18 @@ class LinearOperator(abc.ABC):
     # ------------------------------------------------------------------ derived
 
     def _mv_flat(self, v: Tensor) -> Tensor:
-        return ravel(self.mv(unravel(v, self.structure))).to(self.dtype)
+        out = self.mv(unravel(v, self.structure))
+        leaves, spec = tree_flatten(out)
+        if spec != self._spec or any(
+            not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(leaves, self._leaves)
+        ):
+            got = f"a Tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"{spec}"
+            raise StructureError(
+                f"funchess.{type(self).__name__}: a product returned {got}; expected a pytree shaped "
+                f"like the operator's structure {self._spec} (the vector it was given). Make the "
+                f"product function return A v with v's structure and shapes."
+            )
+        return ravel(out).to(self.dtype)
 
     def _mm(self, rows: Tensor) -> Tensor:
         """Products with the rows of a `(k, N)` Tensor, `chunk_size` rows per `vmap`."""
@@ -130,7 +145,7 @@ class LinearOperator(abc.ABC):
         if k == 1:  # no vmap for a single vector: it saves the batching overhead
             return self._mv_flat(rows[0]).unsqueeze(0)
         size = self.chunk_size or default_chunk(k, n)
-        batched = vmap(self._mv_flat)
+        batched = vmap(self._mv_flat, randomness=self.randomness)
         return torch.cat([batched(rows[s:e]) for s, e in chunks(k, size)])
 
     def _rows(self, call: str, x: Any) -> tuple[Tensor, Callable[[Tensor], Any], bool]:
@@ -139,6 +154,7 @@ class LinearOperator(abc.ABC):
         n = self.shape[0]
         if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == n:
             self._check_dtype(call, "x", x.dtype, self.dtype)
+            self._check_device(call, "x", x.device)
             if x.dim() == 1:
                 return x.unsqueeze(0), lambda r: r[0], True
             return x.T, lambda r: r.T, False
@@ -164,6 +180,7 @@ class LinearOperator(abc.ABC):
                     f"leading batch size k in all leaves for a batch."
                 )
             self._check_dtype(call, where, a.dtype, b.dtype)
+            self._check_device(call, where, a.device)
         if not batched:
             return ravel(x).to(self.dtype).unsqueeze(0), lambda r: unravel(r[0], self.structure), True
         k = first.shape[0]
@@ -178,15 +195,24 @@ class LinearOperator(abc.ABC):
                 f"with .to({want})."
             )
 
+    def _check_device(self, call: str, what: str, got: torch.device) -> None:
+        if got != self.device and self.device.type != "meta":  # a flat DenseOperator's structure is meta
+            raise StructureError(
+                f"{call}: {what} is on {got}; expected {self.device} (the operator's). Move it with "
+                f".to('{self.device}')."
+            )
+
     def __matmul__(self, x: Any) -> Any:
         rows, back, _ = self._rows(f"op @ x (op a funchess.{type(self).__name__})", x)
         return back(self._mm(rows))
 
-    def as_matrix(self) -> Tensor:
+    def as_matrix(self, *, max_memory: int | float | str | None = None) -> Tensor:
         """The dense `(N, N)` matrix, `chunk_size` columns at a time (N products in all).
 
         Rows and columns follow `funchess.ravel` order, so for a `HessianOperator` this equals
-        `funchess.to_matrix(funchess.hessian(f)(params, ...))`. Memory: the `N x N` result.
+        `funchess.to_matrix(funchess.hessian(f)(params, ...))`. Memory: the `N x N` result, planned
+        against `max_memory` (bytes or "4GiB"; default 80 % of the device's free memory) before it
+        is allocated: a larger one raises a sized `MemoryBudgetError`.
 
         Example:
             >>> import torch, funchess
@@ -195,6 +221,11 @@ class LinearOperator(abc.ABC):
             tensor([2., 2., 2.])
         """
         n = self.shape[0]
+        call = f"funchess.{type(self).__name__}.as_matrix()"
+        budget, budget_from = budget_of(call, max_memory)
+        check_fits(call, f"the dense ({n:,}, {n:,}) matrix", n * n * self.dtype.itemsize, self.device, budget,
+                   budget_from, "Use products (op @ v), funchess.diagonal, or the spectral tools (funchess.eigsh, "
+                   "funchess.trace_estimate)")
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
         for s, e in chunks(n, self.chunk_size or default_chunk(n, n)):
             out[:, s:e] = self._mm(_basis(s, e, n, self.dtype, self.device)).T
@@ -361,10 +392,18 @@ class DenseOperator(LinearOperator):
                 f"{call}: expected a square matrix, got shape {tuple(matrix.shape)}. Pass "
                 f"funchess.to_matrix(H) or the Hessian pytree itself."
             )
+        if not matrix.is_floating_point() or matrix.is_complex():
+            raise InvalidArgumentError(
+                f"{call}: expected a real floating-point matrix, got dtype {matrix.dtype}. Convert it "
+                f"(e.g. H.double())."
+            )
         n = matrix.shape[0]
-        if symmetric is None:
-            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(matrix.abs().max()) if n else 0.0
-            symmetric = bool((matrix - matrix.T).abs().max() <= tol) if n else True
+        if symmetric is None:  # NaNs in mirrored places do not make a matrix asymmetric
+            finite = matrix.nan_to_num(0.0, 0.0, 0.0)
+            tol = torch.finfo(matrix.dtype).eps ** 0.5 * float(finite.abs().max()) if n else 0.0
+            symmetric = (
+                bool((finite - finite.T).abs().max() <= tol and torch.equal(matrix.isnan(), matrix.isnan().T)) if n else True
+            )
         if params is None:
             params = torch.empty(n, dtype=matrix.dtype, device="meta")
         super().__init__(params, symmetric=symmetric, dtype=matrix.dtype, device=matrix.device)
@@ -382,8 +421,8 @@ class DenseOperator(LinearOperator):
     def _mm(self, rows: Tensor) -> Tensor:
         return rows @ self.matrix.T
 
-    def as_matrix(self) -> Tensor:
-        """The wrapped matrix itself (no copy)."""
+    def as_matrix(self, *, max_memory: int | float | str | None = None) -> Tensor:
+        """The wrapped matrix itself (no copy, so nothing to plan)."""
         return self.matrix
 
     def transpose(self) -> LinearOperator:

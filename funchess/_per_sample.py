@@ -49,7 +49,7 @@ from ._compose import RandomState, differentiable, random_error, run_modes, usab
 from ._engine import Layout, forward_group, groups, reverse_group
 from ._errors import UnsupportedError
 from ._hessian import hessian
-from ._memory import MAX_CHUNK, PASS_ENTRIES
+from ._memory import MAX_CHUNK, PASS_ENTRIES, budget_of, check_fits
 from ._safe_ops import safe_ops
 from ._samples import PER_SAMPLE_FIX, Samples, check_per_sample, expand, per_sample_data, per_sample_gradients
 from ._tree import basis, blocks_of, chunks, promoted_dtype, tree_flatten, tree_unflatten
@@ -294,6 +294,7 @@ def per_sample_hessian(
     sample_chunk_size: ChunkSize = None,
     randomness: Randomness = "error",
     hessian_chunk_size: int | None = None,
+    max_memory: int | float | str | None = None,
 ) -> Callable[..., PyTree]:
     """The Hessian of every sample's loss, all samples in one vectorised pass per chunk.
 
@@ -334,6 +335,9 @@ def per_sample_hessian(
         randomness: "error" (default: random operations raise), "different" (a mask per sample,
             as a train-mode batch would draw) or "same" (one mask shared by all samples).
         hessian_chunk_size: deprecated spelling of `chunk_size` (removed in funchess 0.3).
+        max_memory: the budget for the `(B, N, N)` result (bytes or "4GiB"; default 80 % of the
+            device's free memory): a larger result raises a sized `MemoryBudgetError` before it is
+            allocated (not checked with `out=`, which is already allocated).
 
     Returns:
         A function `(params, *data, out=None) -> H` with the block tree described above. `out`: a
@@ -363,8 +367,8 @@ def per_sample_hessian(
         >>> funchess.to_matrix(H, batch_dims=1).data_ptr() == buffer.data_ptr()
         True
     """
-    call = call_label("per_sample_hessian", {"mode": mode, "chunk_size": chunk_size,
-                                             "sample_chunk_size": sample_chunk_size, "randomness": randomness})
+    call = call_label("per_sample_hessian", {"mode": mode, "chunk_size": chunk_size, "sample_chunk_size": sample_chunk_size,
+                                             "randomness": randomness, "max_memory": max_memory})
     check_callable(call, f)
     check_mode(call, mode)
     if hessian_chunk_size is not None:
@@ -375,6 +379,7 @@ def per_sample_hessian(
     rows = check_chunk_size(call, chunk_size)
     b_chunk = check_chunk_size(call, sample_chunk_size, "sample_chunk_size")
     check_randomness(call, randomness)
+    budget, budget_from = budget_of(call, max_memory)
 
     @functools.wraps(f)
     def per_sample_hessian_fn(params: PyTree, *data: Any, out: Tensor | None = None) -> PyTree:
@@ -384,6 +389,11 @@ def per_sample_hessian(
         B = samples.size
         if out is not None:
             check_out(here, out, (B, layout.N, layout.N), layout.dtype, layout.device)
+        else:
+            check_fits(here, f"{B:,} per-sample Hessians of {layout.N:,} parameters",
+                       B * layout.N * layout.N * layout.dtype.itemsize, layout.device, budget, budget_from,
+                       "Use per-sample products (funchess.per_sample_hvp), fewer samples per call, or fewer "
+                       "parameters (funchess.functional(..., params=[...]))")
         b, r = _pass_sizes(B, layout.N, b_chunk, rows)
         c = _Call(here, f, params, samples, layout, B, b, r, out, randomness)
         if randomness != "error":

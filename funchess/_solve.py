@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_positive
+from ._checks import check_count, check_positive, relays_warnings
 from ._errors import ConvergenceWarning, InvalidArgumentError
 from ._linalg import Products, check_finite
 from ._operator import LinearOperator, check_operator
@@ -46,6 +47,7 @@ class SolveResult:
 # ----------------------------------------------------------------------------- conjugate gradients
 
 
+@relays_warnings
 def cg(
     op: LinearOperator,
     b: Any,
@@ -114,42 +116,8 @@ def cg(
         return products(rows) + lam * rows if lam else products(rows)
 
     try:
-        if x0 is None:
-            X = torch.zeros_like(B)
-            R = B.clone()
-        else:
-            X0, _, _ = op._rows(call.replace("b)", "b, x0=...)"), x0)
-            if X0.shape != B.shape:
-                raise InvalidArgumentError(
-                    f"{call}: x0 holds {X0.shape[0]} vector(s) but b holds {B.shape[0]}; expected "
-                    f"the same form as b. Pass x0 shaped like b, or omit it."
-                )
-            X = X0.clone()
-            R = B - apply(X)
-        target = torch.clamp_min(rtol * B.norm(dim=1), atol)
-        Pd = R.clone()
-        rr = (R * R).sum(1)
-        active = rr.sqrt() > target
-        it = 0
-        while bool(active.any()) and it < iters:
-            AP = apply(Pd[active])
-            pAp = (Pd[active] * AP).sum(1)
-            if bool((pAp <= 0).any()):
-                raise InvalidArgumentError(
-                    f"{call}: H + damping * I is not positive definite (found a direction with "
-                    f"curvature p^T (H + {lam:g} I) p = {float(pAp.min()):.3g} <= 0); CG needs a "
-                    f"positive definite system. Raise damping above minus the smallest eigenvalue "
-                    f"(funchess.eigsh(op, k=1, which='SA')), or solve with SciPy's minres on "
-                    f"op.to_scipy()."
-                )
-            step = rr[active] / pAp
-            X[active] += step[:, None] * Pd[active]
-            R[active] -= step[:, None] * AP
-            rr_new = (R[active] * R[active]).sum(1)
-            Pd[active] = R[active] + (rr_new / rr[active])[:, None] * Pd[active]
-            rr[active] = rr_new
-            active = rr.sqrt() > target
-            it += 1
+        X, R = _start(call, op, B, x0, apply)
+        X, rr, active, it = _iterate(call, apply, X, R, torch.clamp_min(rtol * B.norm(dim=1), atol), iters, lam)
     finally:
         products.close()
     converged = not bool(active.any())
@@ -169,3 +137,48 @@ def cg(
         num_hvps=products.count,
         converged=converged,
     )
+
+
+def _start(call: str, op: LinearOperator, B: Tensor, x0: Any, apply: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The starting guess and its residual: zero (no product), or `x0` in the form of `b`."""
+    if x0 is None:
+        return torch.zeros_like(B), B.clone()
+    X0, _, _ = op._rows(f"{call[:-1]}, x0=...)", x0)
+    if X0.shape != B.shape:
+        raise InvalidArgumentError(
+            f"{call}: x0 holds {X0.shape[0]} vector(s) but b holds {B.shape[0]}; expected "
+            f"the same form as b. Pass x0 shaped like b, or omit it."
+        )
+    check_finite(call, "x0", X0)
+    return X0.clone(), B - apply(X0)
+
+
+def _iterate(
+    call: str, apply: Callable[[Tensor], Tensor], X: Tensor, R: Tensor, target: Tensor, iters: int, lam: float
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Conjugate-gradient iterations on the rows not yet converged (one batched product each);
+    `(X, squared residual norms, still active, iterations)`."""
+    Pd = R.clone()
+    rr = (R * R).sum(1)
+    active = rr.sqrt() > target
+    it = 0
+    while bool(active.any()) and it < iters:
+        AP = apply(Pd[active])
+        pAp = (Pd[active] * AP).sum(1)
+        if bool((pAp <= 0).any()):
+            raise InvalidArgumentError(
+                f"{call}: H + damping * I is not positive definite (found a direction with "
+                f"curvature p^T (H + {lam:g} I) p = {float(pAp.min()):.3g} <= 0); CG needs a "
+                f"positive definite system. Raise damping above minus the smallest eigenvalue "
+                f"(funchess.eigsh(op, k=1, which='SA')), or solve with SciPy's minres on "
+                f"op.to_scipy()."
+            )
+        step = rr[active] / pAp
+        X[active] += step[:, None] * Pd[active]
+        R[active] -= step[:, None] * AP
+        rr_new = (R[active] * R[active]).sum(1)
+        Pd[active] = R[active] + (rr_new / rr[active])[:, None] * Pd[active]
+        rr[active] = rr_new
+        active = rr.sqrt() > target
+        it += 1
+    return X, rr, active, it

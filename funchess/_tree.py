@@ -8,14 +8,16 @@ the *tree product* of `P` with itself (JAX's convention): the leaf at `H[a][b]` 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import optree
 import torch
 from torch import Tensor
 
+from ._compat import inside_transform
 from ._errors import StructureError
 
 __all__ = ["ravel", "unravel", "to_matrix", "from_matrix"]
@@ -25,9 +27,35 @@ _NAMESPACE = "funchess"
 
 
 def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
-    """Flatten with funchess's one ordering: dicts in insertion order, sequences by position."""
+    """Flatten with funchess's one ordering: dicts in insertion order, sequences by position; other
+    mappings (`collections.UserDict`, HuggingFace's `BatchEncoding`, ...) like dicts."""
     with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
-        return optree.tree_flatten(tree, namespace=_NAMESPACE)
+        leaves, spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
+        mappings = {type(leaf) for leaf in leaves if not isinstance(leaf, Tensor) and isinstance(leaf, Mapping)}
+        if not mappings:
+            return leaves, spec
+        for cls in mappings:  # once per type: registered, the next flatten looks inside
+            _register_mapping(cls)
+        return tree_flatten(tree)
+
+
+def _register_mapping(cls: type) -> None:
+    """Flatten a mapping type like a dict (keys in order); rebuild it as `cls(dict)` where that works
+    (UserDict and its subclasses), else as a plain dict."""
+
+    def flatten(m: Mapping[Any, Any]) -> tuple[list[Any], tuple[Any, ...], tuple[Any, ...]]:
+        keys = tuple(m.keys())
+        return [m[k] for k in keys], keys, keys
+
+    def unflatten(keys: tuple[Any, ...], children: Sequence[Any]) -> Any:
+        data = dict(zip(keys, children))
+        try:
+            return cls(data)
+        except Exception:  # a mapping type that cannot be built from a dict
+            return data
+
+    with contextlib.suppress(ValueError):  # registered meanwhile (another thread)
+        optree.register_pytree_node(cls, flatten, unflatten, namespace=_NAMESPACE)  # type: ignore[arg-type]
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
@@ -295,6 +323,13 @@ def to_matrix(H: PyTree, *, batch_dims: int = 0) -> Tensor:
         return base
     off = offsets(shapes)
     dtype = promoted_dtype(blocks)
+    if inside_transform():  # under vmap/grad nothing can be written into a new buffer: concatenate
+        sizes = [off[i + 1] - off[i] for i in range(n)]
+        rows = [
+            torch.cat([blocks[i * n + j].reshape(*batch, sizes[i], sizes[j]).to(dtype) for j in range(n)], -1)
+            for i in range(n)
+        ]
+        return torch.cat(rows, -2)
     out = torch.empty(*batch, off[-1], off[-1], dtype=dtype, device=blocks[0].device)
     for i in range(n):
         for j in range(n):

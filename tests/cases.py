@@ -6,6 +6,7 @@ Sizes are small (tens to ~200 parameters) so the nested-loop oracle stays fast.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,10 @@ class Case:
     params: list[str] | None = None  # funchess.functional's params=
     per_sample: bool = True  # a per-sample Hessian is defined (no coupling across the batch)
     options: dict[str, Any] = field(default_factory=dict)  # more of funchess.functional's options
+    # boolean masks of parameter entries torch treats as constants (an embedding's padding row:
+    # its gradient is defined as zero, yet its value moves the loss), so finite differences of the
+    # gradient must not step along them
+    constant: dict[str, Tensor] | None = None
 
     def functional(self, loss_fn: Any = "case", **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
         """`funchess.functional` of the case's model with its loss (or `loss_fn`; None for the model
@@ -33,6 +38,24 @@ class Case:
 
         options = {"params": self.params, **self.options, **kwargs}
         return funchess.functional(self.model, self.loss_fn if loss_fn == "case" else loss_fn, **options)
+
+    def reference(self) -> Any:
+        """The nested-loop oracle's Hessian of the case's loss (as `functional()` makes it) at its
+        data, computed once per (case, dtype, device) in a session and shared by every test that
+        compares with it (the cases are deterministic factories)."""
+        import funchess
+        from funchess.testing import reference_hessian
+
+        f, params = self.functional()
+        first = next(iter(params.values()))
+        key = (self.name, first.dtype, str(first.device))
+        if key not in _REFERENCES:
+            _REFERENCES[key] = funchess.to_matrix(reference_hessian(f, params, self.inputs, self.targets))
+        return funchess.from_matrix(_REFERENCES[key].clone(), params)
+
+
+#: The oracle's Hessians, by (case, dtype, device): see `Case.reference`.
+_REFERENCES: dict[tuple[str, torch.dtype, str], Tensor] = {}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -116,6 +139,42 @@ def embedding(dtype: torch.dtype, device: str) -> Case:
     model = _init(_Embed(), dtype, device)
     idx = torch.randint(0, 7, (5, 2), generator=_gen(4)).to(device)
     return Case("embedding", model, F.cross_entropy, idx, _classes(5, 2, device))
+
+
+class _EmbedPadded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3, padding_idx=0)
+        self.out = nn.Linear(9, 2)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.emb(idx)).flatten(1))  # couples the rows of one sample
+
+
+def embedding_padding(dtype: torch.dtype, device: str) -> Case:
+    # the padding row gets a nonzero value (nn.Embedding zeroes it): it moves the loss, but is a
+    # constant to autograd, which forward mode must respect too
+    model = _init(_EmbedPadded(), dtype, device)
+    idx = torch.tensor([[0, 2, 1], [3, 0, 5], [4, 4, 0], [1, 5, 2]], device=device)
+    pad = torch.zeros(6, 3, dtype=torch.bool, device=device)
+    pad[0] = True
+    return Case("embedding_padding", model, F.cross_entropy, idx, _classes(4, 2, device), constant={"emb.weight": pad})
+
+
+def weight_norm(dtype: torch.dtype, device: str) -> Case:
+    # torch's own double backward of the fused `_weight_norm` is wrong in the (g, v) block
+    first = nn.utils.parametrizations.weight_norm(nn.Linear(4, 5))
+    model = _init(nn.Sequential(first, nn.Tanh(), nn.Linear(5, 3)), dtype, device)
+    return Case("weight_norm", model, F.mse_loss, _randn(6, 4, dtype=dtype, device=device), _randn(6, 3, dtype=dtype, device=device, seed=3))
+
+
+def weight_norm_hook(dtype: torch.dtype, device: str) -> Case:
+    # the old hook form, normalising over the last dim (torch's other fused case)
+    with warnings.catch_warnings():  # the hook form is deprecated, and still in use
+        warnings.simplefilter("ignore", FutureWarning)
+        first = nn.utils.weight_norm(nn.Linear(3, 4), dim=1)
+    model = _init(nn.Sequential(first, nn.Softplus(), nn.Linear(4, 2)), dtype, device)
+    return Case("weight_norm_hook", model, F.cross_entropy, _randn(5, 3, dtype=dtype, device=device), _classes(5, 2, device))
 
 
 class _MHA(nn.Module):
@@ -229,8 +288,9 @@ def selected(dtype: torch.dtype, device: str) -> Case:
 CASES: dict[str, Callable[[torch.dtype, str], Case]] = {
     f.__name__: f
     for f in (
-        mlp_mse, mlp_ce, conv, layernorm, batchnorm_eval, batchnorm_train, embedding, attention_mha,
-        attention_sdpa, transformer, gru, lstm, tied, frozen, noncontiguous, selected,
+        mlp_mse, mlp_ce, conv, layernorm, batchnorm_eval, batchnorm_train, embedding, embedding_padding,
+        attention_mha, attention_sdpa, transformer, gru, lstm, tied, frozen, noncontiguous, selected,
+        weight_norm, weight_norm_hook,
     )
 }
 

@@ -31,7 +31,7 @@ def grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_hessian_matches_reference(case: Case, mode: str, grouping: str, snapshot) -> None:  # type: ignore[no-untyped-def]
     snap = snapshot(case.model)
     f, params = _setup(case)
-    expected = reference_hessian(f, params, case.inputs, case.targets)
+    expected = case.reference()
     actual = funchess.hessian(f, mode=mode)(params, case.inputs, case.targets)
     assert_hessian_close(actual, expected, msg=f"{case.name} {mode} {grouping}")
     for a in params:
@@ -43,7 +43,7 @@ def test_hessian_matches_reference(case: Case, mode: str, grouping: str, snapsho
 @pytest.mark.parametrize("chunk_size", [3, 10_000])
 def test_chunked_hessian_matches_reference(case64: Case, chunk_size: int, grouping: str) -> None:
     f, params = _setup(case64)
-    expected = reference_hessian(f, params, case64.inputs, case64.targets)
+    expected = case64.reference()
     actual = funchess.hessian(f, chunk_size=chunk_size)(params, case64.inputs, case64.targets)
     assert_hessian_close(actual, expected)
 

@@ -3,6 +3,8 @@ the fix, and leaves the model unchanged."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 
 import funchess
 from funchess import InvalidArgumentError, OutputError, StructureError, UnsupportedError
+from funchess.testing import assert_hessian_close, reference_hessian
 
 
 @pytest.fixture
@@ -209,3 +212,100 @@ def test_to_matrix_and_from_matrix_errors() -> None:
         funchess.unravel(torch.zeros(4), {"w": torch.zeros(3)})
     with pytest.raises(StructureError, match=r"funchess\.ravel\(tree\): expected a pytree whose leaves are Tensors"):
         funchess.ravel({"w": 3})
+
+
+def test_in_place_write_into_an_undifferentiated_argument_names_the_fix() -> None:
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y.copy_(x)
+        return (y * x).sum()
+
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): f writes in place into a Tensor it does not differentiate .*Copy the tensor first inside f \(e\.g\. `y = y\.clone\(\)`"):
+        funchess.hessian(f)(torch.randn(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    x = torch.randn(3, dtype=torch.float64)
+    H = funchess.hessian(lambda x, y: f(x, y.clone()))(x, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(H, 2 * torch.eye(3, dtype=torch.float64))
+
+
+class _DictModel(torch.nn.Module):
+    """A model whose forward takes one dict positionally (curvlinops' and many custom models')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lin(batch["x"] * batch["scale"])
+
+
+class _KeywordModel(torch.nn.Module):
+    """A model fed `model(**inputs)` (HuggingFace's convention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * scale)
+
+
+def test_dict_inputs_reach_forward_as_its_signature_asks() -> None:
+    torch.manual_seed(0)
+    x, scale, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for model in (_DictModel(), _KeywordModel()):
+        f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+        H = funchess.hessian(f)(params, {"x": x, "scale": scale}, y)
+        expected = reference_hessian(lambda p: torch.nn.functional.mse_loss(torch.func.functional_call(model.lin, {k.split(".", 1)[1]: v for k, v in p.items()}, (x * scale,)), y), params)
+        assert_hessian_close(H, expected, msg=type(model).__name__)
+    f, params = funchess.functional(_KeywordModel(), torch.nn.functional.mse_loss, dict_inputs="positional")
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'scale'"):
+        f(params, {"x": x, "scale": scale}, y)
+    with pytest.raises(InvalidArgumentError, match=r"funchess\.functional\(model, loss_fn\): expected dict_inputs to be one of 'auto', 'keywords', 'positional', got 'kwargs'"):
+        funchess.functional(_KeywordModel(), dict_inputs="kwargs")  # type: ignore[arg-type]
+
+
+def test_backward_hooks_are_refused_with_the_fix_or_skipped_when_asked(snapshot) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    seen: list[int] = []
+    handle = model[0].register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    snap = snapshot(model)
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+    with pytest.raises(UnsupportedError, match=r"funchess\.hessian\(f\)\(\.\.\.\): the model has backward hooks on '0'; expected none.*Pass funchess\.functional\(model, loss_fn, backward_hooks='skip'\)"):
+        funchess.hessian(f)(params, x, y)
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss, backward_hooks="skip")
+    H = funchess.hessian(f)(params, x, y)
+    handle.remove()
+    assert_hessian_close(H, reference_hessian(funchess.functional(model, torch.nn.functional.mse_loss)[0], params, x, y))
+    assert not seen  # the hook never ran while funchess differentiated
+    handle = model[0].register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    model(x.requires_grad_()).sum().backward()  # and it is back in place afterwards
+    assert seen
+    handle.remove()
+    for p in model.parameters():
+        p.grad = None
+    snap.assert_unchanged()
+
+
+def test_warnings_about_the_users_inputs_are_shown_once_per_call_at_the_users_line() -> None:
+    model = torch.nn.Linear(3, 1).double()
+    f, params = funchess.functional(model, torch.nn.functional.mse_loss)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)  # targets (5,) vs outputs (5, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = funchess.HessianOperator(f, params, x, y)
+    for call in (
+        lambda: funchess.hessian(f)(params, x, y),
+        lambda: funchess.hessian(f, mode="fwd-rev", chunk_size=2)(params, x, y),
+        lambda: funchess.ggn(f)(params, x, y),
+        lambda: funchess.dataset_hessian(f)(params, [(x, y), (x, y)]),
+        lambda: funchess.eigsh(op, generator=torch.Generator().manual_seed(0)),
+    ):
+        with warnings.catch_warnings():  # torch's own one-time deprecation notices on first use
+            warnings.simplefilter("ignore")
+            call()
+        with pytest.warns(UserWarning, match=r"Using a target size") as record:
+            call()
+        relayed = [w for w in record if "target size" in str(w.message)]
+        assert len(relayed) == 1, [str(w.message)[:40] for w in record]
+        assert relayed[0].filename == __file__, relayed[0].filename

@@ -59,9 +59,10 @@ PROBE = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     error = None
-    if call == "diagonal":
-        plan = funchess.plan_hessian(f, diagonal=True, **kw)(p, x, y)
-        funchess.hessian_diagonal(f, **kw)(p, x, y)
+    if call == "diagonal":  # the block engine's plan: a plain function (no module-aware sweep)
+        g = lambda q, a, b: f(q, a, b)
+        plan = funchess.plan_hessian(g, diagonal=True, **kw)(p, x, y)
+        funchess.hessian_diagonal(g, **kw)(p, x, y)
     else:
         plan = funchess.plan_hessian(f, **kw)(p, x, y)
         try:

@@ -68,6 +68,8 @@ def test_graph_check_sees_rerouted_kernels() -> None:
     x = torch.randn(2, 4, requires_grad=True)
     assert meets_rerouted([F.layer_norm(x, (4,)).sum()])
     assert meets_rerouted([nn.BatchNorm1d(4)(x).sum()])
+    assert meets_rerouted([nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))(x).sum()])
+    assert meets_rerouted([nn.Embedding(5, 4, padding_idx=0)(torch.tensor([0, 1])).sum()])
     assert not meets_rerouted([torch.tanh(x @ x.T).sum()])
 
 
@@ -145,7 +147,8 @@ def test_kept_ggn_and_dataset_operators_match_the_oracle(name: str) -> None:
     V = _vectors(ggn.shape[0], 2)
     assert_hessian_close(G @ V, funchess.GGNOperator(f, params, x, y, reuse=False) @ V)
     assert_hessian_close(torch.func.vmap(lambda r: G @ r)(V.T), (ggn @ V).T)
-    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    half = x.shape[0] // 2
+    data = [(x[:half], y[:half]), (x[half:], y[half:])]
     dense = funchess.to_matrix(reference_hessian(f, params, x, y))
     for curvature, expected in (("hessian", dense), ("ggn", ggn)):
         D = funchess.DatasetOperator(f, params, data, curvature=curvature)
@@ -236,7 +239,7 @@ def test_operator_randomness_kept_and_fresh_agree() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 2)).double().train()
     f, params = funchess.functional(model, F.mse_loss)
     x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
-    with pytest.raises(funchess.UnsupportedError, match=r"funchess\.HessianOperator\(f, params, \*data\) @ v: f draws random numbers"):
+    with pytest.raises(funchess.UnsupportedError, match=r"funchess\.HessianOperator\(f, params, \*data\)(?: @ v)?: f draws random numbers"):
         funchess.HessianOperator(f, params, x, y) @ torch.ones(26, dtype=F64)
     mats = []
     for reuse in (True, False):

@@ -39,3 +39,43 @@ def test_every_public_name_is_documented_with_an_example() -> None:
                 continue
             doc = obj.__doc__ or ""
             assert "Example" in doc or ">>>" in doc, f"{module.__name__}.{name} has no example"
+
+
+def _core_imports() -> dict[str, set[tuple[str, str]]]:
+    """For every core module: the `(module, name)` pairs it imports from sibling core modules."""
+    import ast
+
+    out: dict[str, set[tuple[str, str]]] = {}
+    for path in (ROOT / "funchess").glob("*.py"):
+        names: set[tuple[str, str]] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.update((node.module or "", a.name) for a in node.names)
+        out[path.stem] = names
+    return out
+
+
+def test_the_core_is_layered_without_cycles_or_private_crossings() -> None:
+    imports = _core_imports()
+    graph = {m: {mod for mod, _ in names if mod in imports} for m, names in imports.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in graph[m]:
+            assert state.get(n) != 1, f"import cycle: {' -> '.join([*path, n])}"
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    crossings = {(m, mod, name) for m, names in imports.items() for mod, name in names if name.startswith("_") and not name.startswith("__")}
+    assert not crossings, f"private names imported across modules: {sorted(crossings)}"
+    assert not any(mod == "cli" or mod.startswith("cli.") for names in imports.values() for mod, _ in names), "the core imports the CLI"
+
+
+def test_no_core_module_is_longer_than_it_can_be_read_in_a_sitting() -> None:
+    long = {p.name: n for p in (ROOT / "funchess").glob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long

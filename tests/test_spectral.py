@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import funchess
-from funchess.testing import reference_hessian
 
 from cases import CASES, Case
 
@@ -30,7 +29,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 def _setup(name: str) -> tuple[Case, funchess.HessianOperator, torch.Tensor]:
     case = CASES[name](F64, "cpu")
     f, params = case.functional()
-    dense = funchess.to_matrix(reference_hessian(f, params, case.inputs, case.targets))
+    dense = funchess.to_matrix(case.reference())
     return case, funchess.HessianOperator(f, params, case.inputs, case.targets), dense
 
 

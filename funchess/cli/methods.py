@@ -61,7 +61,7 @@ class Method:
         requires: modules that must be importable (else the method is listed as not installed).
         applies: which problems the method supports at all (e.g. BackPACK's layer whitelist).
         partial: the method can stop after some rows and be extrapolated (the nested loop).
-        loop: one Python-level pass per row or sample (counting its FLOPs is slow, ~10x).
+        loop: one Python-level pass per row or sample (counting its FLOPs is slow).
         core: also run on the largest problems (`CORE_ONLY` in `funchess.cli.bench`, where only the
             default funchess entry and the main peers run).
         unit: the section's unit of time (the gradient in "hvp"): ratios are taken to it.
@@ -452,7 +452,7 @@ METHODS: list[Method] = [
     Method("curvlinops H @ v", "hvp", _curvlinops_hvp, _flat, requires=("curvlinops",)),
     # diagonal
     Method("funchess.hessian_diagonal", "diagonal", _funchess_diag, _flat, lambda s: s.chunk(CHUNK),
-           note="exact diagonal, block by block, O(N) memory"),
+           note="exact diagonal: the module-aware sweep on chains of known modules, else block by block; O(N) memory"),
     Method("BackPACK DiagHessian", "diagonal", _backpack_diag, _flat, requires=("backpack",),
            note="BackPACK supports a whitelist of layers"),
     # per-sample Hessians
