@@ -46,9 +46,12 @@ def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor]
     """The leaves of `params` and `v`, and the map from leaves back to `params`' structure, after
     `check_primals` and `check_tangent`'s checks (run in full only for a pytree other than a flat
     dict of Tensors, or to word an error); inference tensors are copied (`usable`)."""
-    if type(params) is dict and type(v) is dict and params and list(params) == list(v):
-        keys = list(params)
+    flat = type(params) is dict and type(v) is dict and bool(params) and list(params) == list(v)
+    if flat:
         pl, vl = list(params.values()), list(v.values())
+        flat = all(isinstance(t, Tensor) for t in pl) and all(isinstance(t, Tensor) for t in vl)
+    if flat:
+        keys = list(params)
 
         def rebuild(leaves: Sequence[Tensor]) -> Any:
             return dict(zip(keys, leaves))
@@ -64,7 +67,7 @@ def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor]
     copy = False
     for p, t in zip(pl, vl):
         if not (
-            isinstance(p, Tensor) and isinstance(t, Tensor) and p.is_floating_point()
+            isinstance(p, Tensor) and isinstance(t, Tensor) and p.is_floating_point() and not p.is_meta
             and t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
         ):
             check_primals(here, (params,), ["params"])

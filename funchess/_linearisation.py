@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import check_scalar, split_aux
+from ._checks import call_f, check_scalar, split_aux
 from ._compat import inside_transform
 from ._safe_ops import safe_ops
 from ._tree import tree_flatten, tree_map
@@ -192,7 +192,7 @@ class HessianAt:
     ) -> None:
         xs = [t.detach().requires_grad_(True) for t in leaves]
         with torch.enable_grad():  # whatever the caller's grad mode: the products carry no graph
-            out = (reroute or Reroute()).forward(lambda: h(rebuild(xs)), _roots(has_aux), rewind)
+            out = (reroute or Reroute()).forward(lambda: call_f(call, h, rebuild(xs)), _roots(has_aux), rewind)
             value, aux = _check_loss(call, out, has_aux)
             grads: Sequence[Tensor | None] = (
                 torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
@@ -241,7 +241,7 @@ class GGNAt:
     ) -> None:
         xs = [t.detach().requires_grad_(True) for t in leaves]
         with torch.enable_grad():  # whatever the caller's grad mode: the products carry no graph
-            z = (reroute or Reroute()).forward(lambda: output(rebuild(xs)), lambda out: tree_flatten(out)[0], rewind)
+            z = (reroute or Reroute()).forward(lambda: call_f(call, output, rebuild(xs)), lambda out: tree_flatten(out)[0], rewind)
             zl, spec = tree_flatten(z)
             tracked = [i for i, t in enumerate(zl) if isinstance(t, Tensor) and t.requires_grad]
             zs = [zl[i] for i in tracked]
@@ -253,7 +253,7 @@ class GGNAt:
             for i in tracked:  # the loss sees the output as a new leaf: its graph is the loss's alone
                 zz[i] = zl[i].detach().requires_grad_(True)
             zt = [zz[i] for i in tracked]
-            value = check_scalar(call, loss(spec.unflatten(zz)))
+            value = check_scalar(call, call_f(call, loss, spec.unflatten(zz)))
             gz: Sequence[Tensor | None] = (
                 torch.autograd.grad(value, zt, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(zt)
             )

@@ -33,6 +33,7 @@ from torch.func import vmap
 from ._checks import (
     ChunkSize,
     Randomness,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -144,8 +145,13 @@ def _needs_rerouting(c: _Call) -> bool:
     must not draw random numbers (randomness="error")."""
     rng = RandomState(c.layout.device)
     before = rng.snapshot()
-    with differentiable(), safe_ops() as mode:
-        c.ell(c.params, *[t[0] for t in c.samples.tensors(0, 1)])
+    point = tree_unflatten(c.layout.spec, [t.detach().requires_grad_(True) for t in c.layout.leaves])
+    try:  # at parameters that require grad, with grad on: an in-place write into them is refused
+        with differentiable(), torch.enable_grad(), safe_ops() as mode:
+            call_f(c.here, c.ell, point, *[t[0] for t in c.samples.tensors(0, 1)])
+    except BaseException:
+        rng.put_back(before)
+        raise
     rng.refuse_draws(c.here, before, PER_SAMPLE_FIX)
     return mode is None or mode.rerouted > 0
 
