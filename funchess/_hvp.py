@@ -7,8 +7,9 @@ vector comes right after the point, as in `per_sample_hvp`, `dataset_hvp` and `g
 
 Outside torch.func transforms "rev-rev" is plain autograd: one gradient with `create_graph=True`,
 then one backward of the gradient with `v` as its cotangent (the arithmetic of `vjp(grad(f))`
-without torch.func's wrappers). Inside transforms it is `vjp` of the gradient; "fwd-rev" is
-`jvp(grad(f))`.
+without torch.func's wrappers; `funchess/_linearisation.py`'s `HessianAt`, built for one
+product). Inside transforms it is `vjp` of the gradient; "fwd-rev" is `jvp(grad(f))`. The checks
+at the entry are O(leaves): a flat params dict is checked leaf by leaf without flattening.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ PyTree = Any
 _BATCH_RANDOMNESS: tuple[str, ...] = ("error", "same")
 
 
-def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor], Callable[[Sequence[Tensor]], Any]]:
-    """The leaves of `params` and `v`, and the map from leaves back to `params`' structure, after
-    `check_primals` and `check_tangent`'s checks (run in full only for a pytree other than a flat
-    dict of Tensors, or to word an error); inference tensors are copied (`usable`)."""
+def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor], Callable[[Sequence[Tensor]], Any], bool]:
+    """The leaves of `params` and `v`, the map from leaves back to `params`' structure, and
+    whether an outer autograd graph tracks a leaf, after `check_primals` and `check_tangent`'s
+    checks (run in full only for a pytree other than a flat dict of Tensors, or to word an
+    error); inference tensors are copied (`usable`)."""
     flat = type(params) is dict and type(v) is dict and bool(params) and list(params) == list(v)
     if flat:
         pl, vl = list(params.values()), list(v.values())
@@ -64,7 +66,7 @@ def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor]
         def rebuild(leaves: Sequence[Tensor]) -> Any:
             return tree_unflatten(spec, leaves)
 
-    copy = False
+    copy = tracked = False
     for p, t in zip(pl, vl):
         if not (
             isinstance(p, Tensor) and isinstance(t, Tensor) and p.is_floating_point() and not p.is_meta
@@ -74,9 +76,10 @@ def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor]
             check_tangent(here, params, v)
             raise AssertionError("unreachable: the checks above raise")  # pragma: no cover
         copy = copy or p.is_inference() or t.is_inference()
+        tracked = tracked or p.requires_grad or t.requires_grad
     if copy:
         pl, vl = usable(pl), usable(vl)
-    return pl, vl, rebuild
+    return pl, vl, rebuild, tracked
 
 
 def _usable_args(data: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -89,7 +92,7 @@ def _usable_args(data: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _product(
     call: str, h: Callable[[Any], Any], leaves: list[Tensor], vs: list[Tensor], rebuild: Callable[[Sequence[Tensor]], Any],
-    has_aux: bool, mode: str, randomness: str, reroute: Reroute | None = None,
+    has_aux: bool, mode: str, randomness: str, reroute: Reroute | None = None, tracked: bool | None = None,
 ) -> tuple[Any, Any]:
     """`(H v, aux)` of `h(point)` at the point with `leaves`, `v` given by its leaves `vs`.
 
@@ -98,7 +101,10 @@ def _product(
     rerouting only where `reroute` says the forward needs it; otherwise torch.func's `vjp` of the
     gradient, and "fwd-rev" its `jvp`, under the rerouting."""
     rng = RandomState(leaves[0].device)
-    plain = mode != "fwd-rev" and plain_autograd_ok(leaves) and plain_autograd_ok(vs)
+    if tracked is None:
+        plain = mode != "fwd-rev" and plain_autograd_ok(leaves) and plain_autograd_ok(vs)
+    else:  # the caller looked at every leaf already
+        plain = mode != "fwd-rev" and not tracked and not inside_transform()
 
     def rev() -> Any:
         if plain:
@@ -239,11 +245,11 @@ def hvp(
     @functools.wraps(f)
     def hvp_fn(params: Any, v: Any, *data: Any, **kwargs: Any) -> Any:
         check_function(here, f)
-        leaves, vs, rebuild = _checked(here, params, v)
+        leaves, vs, rebuild, tracked = _checked(here, params, v)
         data = _usable_args(data)
         if kwargs:
             kwargs = usable(kwargs)
-        out, aux = _product(here, lambda p: f(p, *data, **kwargs), leaves, vs, rebuild, has_aux, mode, randomness, reroute)
+        out, aux = _product(here, lambda p: f(p, *data, **kwargs), leaves, vs, rebuild, has_aux, mode, randomness, reroute, tracked)
         return (out, aux) if has_aux else out
 
     return hvp_fn
