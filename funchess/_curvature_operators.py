@@ -45,6 +45,7 @@ from ._checks import (
     check_reduction,
     check_scalar,
     relabel,
+    relays_warnings,
 )
 from ._compat import inside_transform
 from ._compose import RandomState, check_function, differentiable, usable
@@ -296,6 +297,7 @@ class HessianOperator(_CurvatureOperator):
         True
     """
 
+    @relays_warnings
     def __init__(
         self,
         f: Callable[..., Any],
@@ -382,6 +384,7 @@ class GGNOperator(_CurvatureOperator):
         True
     """
 
+    @relays_warnings
     def __init__(
         self,
         f: Callable[..., Any],
@@ -477,6 +480,7 @@ class DatasetOperator(_CurvatureOperator):
         >>> top = funchess.eigsh(H, k=1, generator=torch.Generator().manual_seed(0))
     """
 
+    @relays_warnings
     def __init__(
         self,
         f: Callable[..., Any],
