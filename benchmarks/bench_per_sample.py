@@ -4,7 +4,8 @@
 
 Per-sample Hessians (MLP 20-32-32-5, tanh, MSE, 64 samples, float32; and a small MLP 10-16-3 with
 256 samples, where per-pass overhead rather than memory dominates) against `vmap` of
-`torch.func.hessian`, a Python loop of `torch.func.hessian` over the samples, and the batch Hessian
+`funchess.hessian` (whose mirrored blocks are transposed views, so it writes half the result) and
+of `torch.func.hessian`, a Python loop of `torch.func.hessian` over the samples, and the batch Hessian
 (`funchess.hessian`, the same arithmetic with a B times smaller result). "fill" is the cost of
 writing the `(B, N, N)` result once into fresh memory: a floor for every method that allocates its
 result; "out= reused" writes into one buffer allocated before the timed calls, whose floor is the
@@ -84,6 +85,7 @@ def per_sample_methods(dims: tuple[int, ...], B: int) -> tuple[int, list[tuple[s
         ("funchess.per_sample_hessian", lambda: funchess.per_sample_hessian(f)(params, x, y)),
         ("funchess.per_sample_hessian, out= reused", lambda: funchess.per_sample_hessian(f)(params, x, y, out=buffer)),
         ("funchess.per_sample_hessian rev-rev", lambda: funchess.per_sample_hessian(f, mode="rev-rev")(params, x, y)),
+        ("vmap(funchess.hessian)", lambda: torch.func.vmap(funchess.hessian(loss_i), in_dims=(None, 0, 0))(params, x, y)),
         ("vmap(torch.func.hessian)", lambda: torch.func.vmap(torch.func.hessian(loss_i), in_dims=(None, 0, 0))(params, x, y)),
         ("loop of torch.func.hessian", lambda: [torch.func.hessian(loss_i)(params, x[i], y[i]) for i in range(B)]),
         ("batch Hessian (funchess.hessian)", lambda: funchess.hessian(f)(params, x, y)),

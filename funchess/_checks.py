@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "progress": False,
     "loss_fn": None,
     "curvature": "hessian",
+    "reuse": "auto",
 }
 
 
@@ -97,9 +98,10 @@ _relay = threading.local()
 
 
 def _user_frame() -> Any:
-    """The first frame outside funchess (and the context-manager machinery): the user's call."""
+    """The first frame outside funchess (and the context-manager and dispatch machinery): the
+    user's call."""
     frame = sys._getframe(1)
-    skip = (_PACKAGE, os.path.abspath(contextlib.__file__))
+    skip = (_PACKAGE, os.path.abspath(contextlib.__file__), os.path.abspath(functools.__file__))
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame = frame.f_back
     return frame

@@ -15,6 +15,7 @@ generator's guard and replay.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -186,8 +187,12 @@ def run_modes(
     with `safe`, under funchess's operator rerouting, always with grad on."""
     modes = tuple(order) if mode == "auto" else (mode,)
     failures: list[str] = []
+    # the context managers cost more than a small product: entered only when they change something
+    plain = not safe and not torch.is_inference_mode_enabled()
     for m in modes:
         try:
+            if plain:
+                return runners[m]()
             with differentiable(), safe_ops(safe):
                 return runners[m]()
         except (RuntimeError, NotImplementedError) as exc:
@@ -209,6 +214,12 @@ def run_modes(
 
 
 # ----------------------------------------------------------------------------- random numbers
+
+
+def _raw(state: Tensor) -> bytes:
+    """A generator state's bytes (a contiguous CPU uint8 Tensor): comparing them costs less than
+    `torch.equal`'s dispatch, and needs no NumPy."""
+    return ctypes.string_at(state.data_ptr(), state.numel())
 
 
 class RandomState:
@@ -240,6 +251,27 @@ class RandomState:
         if self.saved is not None:
             self._set(self.saved)
 
+    def snapshot(self) -> list[Tensor]:
+        """The generators' states now, for `refuse_draws` (the guard without a context manager)."""
+        return self._state()
+
+    def _moved(self, before: list[Tensor]) -> bool:
+        return any(_raw(a) != _raw(b) for a, b in zip(before, self._state()))
+
+    def put_back(self, before: list[Tensor]) -> None:
+        """Restore the generators to `before` if they moved (a call that failed draws nothing)."""
+        if self._moved(before):
+            self._set(before)
+
+    def refuse_draws(self, call: str, before: list[Tensor], fix: str | None = None) -> None:
+        """Raise an UnsupportedError if a generator moved since `snapshot()` returned `before`
+        (e.g. dropout in train mode), putting it back, so the failed call draws nothing."""
+        if self._moved(before):
+            self._set(before)
+            error = random_error(call, RuntimeError("random operation while in randomness error mode"), fix)
+            assert error is not None
+            raise error
+
     @contextlib.contextmanager
     def guard(self, call: str, fix: str | None = None) -> Iterator[None]:
         """Raise an UnsupportedError if the block advanced a generator (e.g. dropout in train
@@ -249,15 +281,9 @@ class RandomState:
         try:
             yield
         except BaseException:
-            if any(not torch.equal(a, b) for a, b in zip(before, self._state())):
-                self._set(before)
+            self.put_back(before)
             raise
-        after = self._state()
-        if any(not torch.equal(a, b) for a, b in zip(before, after)):
-            self._set(before)
-            error = random_error(call, RuntimeError("random operation while in randomness error mode"), fix)
-            assert error is not None
-            raise error
+        self.refuse_draws(call, before, fix)
 
 
 @contextlib.contextmanager

@@ -52,10 +52,11 @@ from ._errors import MemoryBudgetError
 from ._ggn import ggn, ggn_vp, split_loss
 from ._hessian import hessian
 from ._hvp import hvp
+from ._linearisation import GGNAt, HessianAt, Reroute
 from ._memory import budget_of, check_fits
 from ._tree import from_matrix, promoted_dtype, to_matrix, tree_flatten
 
-__all__ = ["dataset_hessian", "dataset_hvp", "dataset_ggn", "dataset_ggn_vp", "DatasetProducts", "DATA_RANDOMNESS"]
+__all__ = ["dataset_hessian", "dataset_hvp", "dataset_ggn", "dataset_ggn_vp", "DatasetProducts", "SumAt", "DATA_RANDOMNESS"]
 
 PyTree = Any
 DataRandomness = Literal["error", "different"]
@@ -138,6 +139,8 @@ class DatasetProducts:
             G = ggn_vp(group_output, loss_fn=group_losses, randomness=_inner(randomness))
             self.loss_of = lambda p, x, t=None: loss(output(p, x), t)
             self.group_product = lambda params, v, parts: G(params, v, parts, parts)
+            self.group_output, self.group_losses = group_output, group_losses
+        self.curvature = curvature
 
     def __call__(self, here: str, params: PyTree, V: PyTree, data: Iterable[Any], progress: bool | None, *, batched: bool = False) -> PyTree:
         grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
@@ -162,6 +165,76 @@ class DatasetProducts:
             lambda first: grouping.samples(first, PRODUCT_GROUP_BYTES),
         )
         return mean_of(acc, total, self.reduction)
+
+    def linearise(
+        self, here: str, params: PyTree, data: Iterable[Any], progress: bool | None, limit: int | None,
+        rewind: Callable[[], None],
+    ) -> SumAt | None:
+        """Every group's linearisation (`funchess/_linearisation.py`), built in one pass over the
+        data, as one sum whose products need the data no more; None as soon as the graphs held
+        pass `limit` bytes (they are dropped: products then iterate the data)."""
+        grouping = Grouping(self.loss_of, params, self.randomness, float("inf"), here)
+        leaves, spec = tree_flatten(params)
+        reroute, kept, held = Reroute(), [], 0
+
+        def build(parts: list[Batch | Stack]) -> HessianAt | GGNAt:
+            if self.curvature == "hessian":
+                return HessianAt(here, lambda p: group_loss(self.f, p, parts), leaves, spec.unflatten, reroute=reroute, rewind=rewind)
+            return GGNAt(here, lambda p: self.group_output(p, parts), lambda z: self.group_losses(z, parts), leaves,
+                         spec.unflatten, reroute=reroute, rewind=rewind)
+
+        def per_group(group: list[Batch]) -> Tensor:
+            nonlocal held
+            parts = grouping.parts(group)
+            try:
+                lin = build(parts)
+            except NO_VMAP:
+                if not has_stack(parts):
+                    raise
+                grouping.vmaps = False  # a derivative pass failed on the stacks: one by one
+                lin = build(list(group))
+            held += lin.kept_bytes()
+            if limit is not None and held > limit:
+                raise _TooMuch
+            kept.append(lin)
+            zero: Tensor = leaves[0].new_zeros(())
+            return zero
+
+        try:
+            _, total = accumulate(
+                here, data, params, self.reduction, progress, self.randomness, self.normaliser, per_group,
+                lambda first: grouping.samples(first, PRODUCT_GROUP_BYTES),
+            )
+        except _TooMuch:
+            return None
+        return SumAt(kept, total if self.reduction == "mean" else 1.0)
+
+
+class _TooMuch(Exception):
+    """The kept graphs of a data set's groups passed the memory limit."""
+
+
+class SumAt:
+    """`Σ_k lin_k / scale`: a data set's curvature from the linearisations of its groups."""
+
+    def __init__(self, parts: list[HessianAt | GGNAt], scale: float) -> None:
+        self.parts, self.scale = parts, scale
+
+    def _sum(self, pieces: Iterable[list[Tensor]]) -> list[Tensor]:
+        acc: list[Tensor] | None = None
+        for got in pieces:  # out of place: under vmap a piece may be batched and another not
+            acc = got if acc is None else [a + g for a, g in zip(acc, got)]
+        assert acc is not None
+        return [a / self.scale for a in acc]
+
+    def mv(self, vs: list[Tensor]) -> list[Tensor]:
+        return self._sum(lin.mv(vs) for lin in self.parts)
+
+    def mm(self, Vs: list[Tensor], how: str = "autograd") -> list[Tensor]:
+        return self._sum(lin.mm(Vs, how) for lin in self.parts)
+
+    def kept_bytes(self) -> int:
+        return sum(lin.kept_bytes() for lin in self.parts)
 
 
 # ----------------------------------------------------------------------------- public API

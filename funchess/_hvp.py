@@ -7,8 +7,9 @@ vector comes right after the point, as in `per_sample_hvp`, `dataset_hvp` and `g
 
 Outside torch.func transforms "rev-rev" is plain autograd: one gradient with `create_graph=True`,
 then one backward of the gradient with `v` as its cotangent (the arithmetic of `vjp(grad(f))`
-without torch.func's wrappers). Inside transforms it is `vjp` of the gradient; "fwd-rev" is
-`jvp(grad(f))`.
+without torch.func's wrappers; `funchess/_linearisation.py`'s `HessianAt`, built for one
+product). Inside transforms it is `vjp` of the gradient; "fwd-rev" is `jvp(grad(f))`. The checks
+at the entry are O(leaves): a flat params dict is checked leaf by leaf without flattening.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
-import torch
 from torch import Tensor
 
 from ._checks import (
@@ -29,12 +29,13 @@ from ._checks import (
     check_primals,
     check_randomness,
     check_tangent,
-    scalar_output,
 )
 from ._compat import inside_transform, jvp, vjp
 from ._compose import RandomState, check_function, gradient, run_modes, usable
 from ._errors import StructureError
-from ._tree import tree_flatten, tree_map, tree_unflatten
+from ._linearisation import HessianAt, Reroute, plain_autograd_ok
+from ._safe_ops import safe_ops
+from ._tree import tree_flatten, tree_unflatten
 
 __all__ = ["hvp", "vhp"]
 
@@ -42,75 +43,100 @@ PyTree = Any
 _BATCH_RANDOMNESS: tuple[str, ...] = ("error", "same")
 
 
-def _plain_autograd_ok(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> bool:
-    """Whether plain autograd can take the reverse-over-reverse HVP: outside every torch.func
-    transform, with no leaf already tracked by an outer autograd graph (whose derivatives
-    torch.func would carry through, and a detached copy would not)."""
-    if inside_transform():
-        return False
-    leaves = tree_flatten((primals, tangents))[0]
-    return all(isinstance(t, Tensor) and not t.requires_grad for t in leaves)
+def _checked(here: str, params: Any, v: Any) -> tuple[list[Tensor], list[Tensor], Callable[[Sequence[Tensor]], Any], bool]:
+    """The leaves of `params` and `v`, the map from leaves back to `params`' structure, and
+    whether an outer autograd graph tracks a leaf, after `check_primals` and `check_tangent`'s
+    checks (run in full only for a pytree other than a flat dict of Tensors, or to word an
+    error); inference tensors are copied (`usable`)."""
+    flat = type(params) is dict and type(v) is dict and bool(params) and list(params) == list(v)
+    if flat:
+        pl, vl = list(params.values()), list(v.values())
+        flat = all(isinstance(t, Tensor) for t in pl) and all(isinstance(t, Tensor) for t in vl)
+    if flat:
+        keys = list(params)
+
+        def rebuild(leaves: Sequence[Tensor]) -> Any:
+            return dict(zip(keys, leaves))
+    else:
+        pl, spec = tree_flatten(params)
+        vl = tree_flatten(v)[0]
+        check_primals(here, (params,), ["params"])
+        check_tangent(here, params, v)
+
+        def rebuild(leaves: Sequence[Tensor]) -> Any:
+            return tree_unflatten(spec, leaves)
+
+    copy = tracked = False
+    for p, t in zip(pl, vl):
+        if not (
+            isinstance(p, Tensor) and isinstance(t, Tensor) and p.is_floating_point() and not p.is_meta
+            and t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+        ):
+            check_primals(here, (params,), ["params"])
+            check_tangent(here, params, v)
+            raise AssertionError("unreachable: the checks above raise")  # pragma: no cover
+        copy = copy or p.is_inference() or t.is_inference()
+        tracked = tracked or p.requires_grad or t.requires_grad
+    if copy:
+        pl, vl = usable(pl), usable(vl)
+    return pl, vl, rebuild, tracked
 
 
-def _double_backward(
-    f: Callable[..., Any], call: str, has_aux: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
-) -> tuple[tuple[Any, ...], Any]:
-    """"rev-rev" by plain autograd: one gradient with `create_graph=True`, then one backward of
-    the gradient with the tangent as its cotangent. A primal the loss does not depend on gets a
-    zero product (as torch.func gives)."""
-    leaves, spec = tree_flatten(primals)
-    xs = [t.detach().requires_grad_(True) for t in leaves]
-    vs = tree_flatten(tangents)[0]
-    with torch.enable_grad():
-        out = scalar_output(call, f, has_aux)(*tree_unflatten(spec, xs))
-        value, aux = out if has_aux else (out, None)
-        grads: Sequence[Tensor | None] = (
-            torch.autograd.grad(value, xs, create_graph=True, allow_unused=True) if value.requires_grad else [None] * len(xs)
-        )
-        live = [(g, v) for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-        hv: Sequence[Tensor | None] = (
-            torch.autograd.grad([g for g, _ in live], xs, grad_outputs=[v for _, v in live], allow_unused=True)
-            if live else [None] * len(xs)
-        )
-    result = [torch.zeros_like(x) if h is None else h for x, h in zip(xs, hv)]
-    aux = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
-    return tuple(tree_unflatten(spec, result)), aux
+def _usable_args(data: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`usable(data)`, without flattening the common case (plain Tensors and None)."""
+    for d in data:
+        if not (d is None or (type(d) is Tensor and not d.is_inference())):
+            return usable(data)  # type: ignore[no-any-return]
+    return data
 
 
 def _product(
-    call: str, f: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], has_aux: bool, mode: str,
-    randomness: str,
+    call: str, h: Callable[[Any], Any], leaves: list[Tensor], vs: list[Tensor], rebuild: Callable[[Sequence[Tensor]], Any],
+    has_aux: bool, mode: str, randomness: str, reroute: Reroute | None = None, tracked: bool | None = None,
 ) -> tuple[Any, Any]:
-    """`(H v for every primal, aux)` of `f(*primals)` in `mode`."""
-    device = tree_flatten(primals)[0][0].device
-    rng = RandomState(device)
+    """`(H v, aux)` of `h(point)` at the point with `leaves`, `v` given by its leaves `vs`.
+
+    Outside transforms, at a point no outer graph tracks, "rev-rev" is plain autograd's double
+    backward (`HessianAt`, built for one product and freed as it goes), with the operator
+    rerouting only where `reroute` says the forward needs it; otherwise torch.func's `vjp` of the
+    gradient, and "fwd-rev" its `jvp`, under the rerouting."""
+    rng = RandomState(leaves[0].device)
+    if tracked is None:
+        plain = mode != "fwd-rev" and plain_autograd_ok(leaves) and plain_autograd_ok(vs)
+    else:  # the caller looked at every leaf already
+        plain = mode != "fwd-rev" and not tracked and not inside_transform()
 
     def rev() -> Any:
-        if _plain_autograd_ok(primals, tangents):
-            return _double_backward(f, call, has_aux, primals, tangents)
-        g = gradient(f, call, has_aux, single=False)
-        if has_aux:
-            _, pullback, aux = vjp(g, *primals, has_aux=True)
-        else:
-            (_, pullback), aux = vjp(g, *primals), None
-        return pullback(tangents), aux
+        if plain:
+            lin = HessianAt(call, h, leaves, rebuild, has_aux=has_aux, reroute=reroute, rewind=rng.replay)
+            return rebuild(lin.mv(vs, keep=False)), lin.aux
+        with safe_ops():
+            g = gradient(h, call, has_aux, single=True)
+            if has_aux:
+                _, pullback, aux = vjp(g, rebuild(leaves), has_aux=True)
+            else:
+                (_, pullback), aux = vjp(g, rebuild(leaves)), None
+            return pullback(rebuild(vs))[0], aux
 
     def fwd() -> Any:
         rng.replay()  # after a failed "rev-rev", the same draws again
-        g = gradient(f, call, has_aux, single=False, for_jvp=True)
-        if has_aux:
-            _, out, aux = jvp(g, primals, tangents, has_aux=True)
-            return out, aux
-        return jvp(g, primals, tangents)[1], None
+        with safe_ops():
+            g = gradient(h, call, has_aux, single=True, for_jvp=True)
+            if has_aux:
+                _, out, aux = jvp(g, (rebuild(leaves),), (rebuild(vs),), has_aux=True)
+                return out, aux
+            return jvp(g, (rebuild(leaves),), (rebuild(vs),))[1], None
 
     runners = {"rev-rev": rev, "fwd-rev": fwd}
     if randomness != "error":
         rng.save()
-        return run_modes(call, mode, runners)  # type: ignore[no-any-return]
+        return run_modes(call, mode, runners, safe=False)  # type: ignore[no-any-return]
     if inside_transform():  # torch.func's own randomness check applies under vmap
-        return run_modes(call, mode, runners)  # type: ignore[no-any-return]
-    with rng.guard(call):
-        return run_modes(call, mode, runners)  # type: ignore[no-any-return]
+        return run_modes(call, mode, runners, safe=False)  # type: ignore[no-any-return]
+    before = rng.snapshot()  # randomness="error": refuse a function that drew random numbers
+    out = run_modes(call, mode, runners, safe=False)
+    rng.refuse_draws(call, before)
+    return out  # type: ignore[no-any-return]
 
 
 def _legacy(name: str, f: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool, mode: Any) -> Any:
@@ -140,7 +166,9 @@ def _legacy(name: str, f: Callable[..., Any], primals: Any, tangents: Any, has_a
     check_primals(call, primals, [f"primals[{k}]" for k in range(len(primals))])
     for k, (p, t) in enumerate(zip(primals, tangents)):
         check_tangent(call, p, t, f"primals[{k}]", f"tangents[{k}]")
-    out, aux = _product(call, f, usable(primals), usable(tangents), has_aux, mode, "error")
+    leaves, spec = tree_flatten(usable(primals))
+    vs = cast(list[Tensor], spec.flatten_up_to(usable(tangents)))
+    out, aux = _product(call, lambda p: f(*p), leaves, vs, functools.partial(tree_unflatten, spec), has_aux, mode, "error")
     out = out[0] if len(primals) == 1 else tuple(out)
     return (out, aux) if has_aux else out
 
@@ -169,9 +197,13 @@ def hvp(
     Composition: "rev-rev" is `vjp` of the gradient (outside torch.func transforms, plain autograd's
     double backward: one gradient with `create_graph=True`, then its backward with `v` as the
     cotangent); "fwd-rev" is `jvp(grad(f))`; "auto" tries "rev-rev" and falls back to "fwd-rev"
-    when an operator lacks a rule (decided on every call). Cost: a few times one gradient. For
-    many products at one point, `funchess.HessianOperator` reuses the work that does not depend on
-    `v`.
+    when an operator lacks a rule (decided on every call). Cost: a few times one gradient. The
+    returned function remembers one thing between calls, and only to save time: whether `f`'s
+    forward meets an operator funchess reroutes (layer/batch norm, fused attention, fused
+    recurrent layers). Its first call runs under the rerouting; later calls run without it while
+    nothing was rerouted, and a walk of each call's autograd graph redoes a forward that did meet
+    one (results never depend on it). For many products at one point,
+    `funchess.HessianOperator` reuses the work that does not depend on `v`.
 
     Deprecated form: `hvp(f, primals, tangents)` (torch.func.jvp's convention, computed at once)
     still works in this release and warns; it is removed in funchess 0.3.
@@ -207,17 +239,18 @@ def hvp(
     check_mode(call, mode)
     check_randomness(call, randomness, _BATCH_RANDOMNESS)
 
+    here = f"{call}(params, v, ...)"
+    reroute = Reroute()  # whether f's forward needs the operator rerouting: learnt, then checked
+
     @functools.wraps(f)
     def hvp_fn(params: Any, v: Any, *data: Any, **kwargs: Any) -> Any:
-        here = f"{call}(params, v, ...)"
         check_function(here, f)
-        check_primals(here, (params,), ["params"])
-        check_tangent(here, params, v)
-        data, kwargs = usable(data), usable(kwargs)
-        out, aux = _product(
-            here, lambda p: f(p, *data, **kwargs), (usable(params),), (usable(v),), has_aux, mode, randomness
-        )
-        return (out[0], aux) if has_aux else out[0]
+        leaves, vs, rebuild, tracked = _checked(here, params, v)
+        data = _usable_args(data)
+        if kwargs:
+            kwargs = usable(kwargs)
+        out, aux = _product(here, lambda p: f(p, *data, **kwargs), leaves, vs, rebuild, has_aux, mode, randomness, reroute, tracked)
+        return (out, aux) if has_aux else out
 
     return hvp_fn
 

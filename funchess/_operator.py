@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from ._checks import check_callable, check_chunk_size
+from ._checks import check_callable, check_chunk_size, relays_warnings
 from ._errors import InvalidArgumentError, StructureError, UnsupportedError
 from ._memory import budget_of, check_fits, default_chunk
 from ._tree import basis, chunks, offsets, promoted_dtype, ravel, to_matrix, tree_flatten, unravel
@@ -202,10 +202,12 @@ class LinearOperator(abc.ABC):
                 f".to('{self.device}')."
             )
 
+    @relays_warnings
     def __matmul__(self, x: Any) -> Any:
         rows, back, _ = self._rows(f"op @ x (op a funchess.{type(self).__name__})", x)
         return back(self._mm(rows))
 
+    @relays_warnings
     def as_matrix(self, *, max_memory: int | float | str | None = None) -> Tensor:
         """The dense `(N, N)` matrix, `chunk_size` columns at a time (N products in all).
 
@@ -462,6 +464,7 @@ def check_operator(call: str, op: Any) -> LinearOperator:
 
 
 @functools.singledispatch
+@relays_warnings
 def diagonal(op: LinearOperator) -> PyTree:
     """The exact diagonal of an operator, shaped like its `structure` (e.g. per parameter).
 
@@ -492,6 +495,7 @@ def _(op: DenseOperator) -> PyTree:
 
 
 @functools.singledispatch
+@relays_warnings
 def trace(op: LinearOperator) -> Tensor:
     """The exact trace of an operator, a 0-dimensional Tensor.
 

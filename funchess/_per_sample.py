@@ -5,11 +5,14 @@ Tensor in `data` holds the samples along dim 0, and the loss of sample `i` is `f
 one. The same `f` therefore serves the batch Hessian (`funchess.hessian(f)`) and the per-sample
 ones; with a mean-reduced loss, `per_sample_hessian(f)(...).mean(0)` is `hessian(f)(...)`.
 
-`per_sample_hessian` has three routes:
+`per_sample_hessian` has four routes:
 
 - deterministic `f`, outside transforms: `funchess.hessian`'s symmetric block engine with the
   samples as one more `vmap` dimension, every piece written straight into the `(B, N, N)` result
-  (`_engine_route`);
+  (`_engine_route`); for a small result (`B * N * N` entries at most `_JOINT_ENTRIES`), the joint
+  pass over whole rows instead (`_joint_route`), where one forward and backward per sample costs
+  less than one per parameter leaf. Both skip the operator rerouting when one sample's forward
+  meets no rerouted operator;
 - inside an outer transform (no writing into buffers): `vmap(funchess.hessian)` over chunks of
   samples, concatenated (`_vmapped_route`);
 - random `f` (`randomness` other than "error"): `jvp`/`vjp` of the `vmap`ped per-sample gradient,
@@ -30,6 +33,7 @@ from torch.func import vmap
 from ._checks import (
     ChunkSize,
     Randomness,
+    call_f,
     call_label,
     check_callable,
     check_chunk_size,
@@ -42,11 +46,12 @@ from ._checks import (
     scalar_output,
 )
 from ._compat import inside_transform, jvp, vjp
-from ._compose import RandomState, random_error, run_modes, usable
+from ._compose import RandomState, differentiable, random_error, run_modes, usable
 from ._engine import Layout, forward_group, groups, reverse_group
 from ._errors import UnsupportedError
 from ._hessian import hessian
 from ._memory import MAX_CHUNK, PASS_ENTRIES, budget_of, check_fits
+from ._safe_ops import safe_ops
 from ._samples import PER_SAMPLE_FIX, Samples, check_per_sample, expand, per_sample_data, per_sample_gradients
 from ._tree import basis, blocks_of, chunks, promoted_dtype, tree_flatten, tree_unflatten
 
@@ -55,6 +60,10 @@ __all__ = ["per_sample_grad", "per_sample_hessian", "per_sample_hvp", "sample_ch
 PyTree = Any
 _REPLAY_ORDER: tuple[str, ...] = ("fwd-rev", "rev-rev")  # with dropout: fwd-rev measured faster
 _ENGINE_ORDER: tuple[str, ...] = ("rev-rev", "fwd-rev")  # deterministic f: the block engine, rev-rev first
+#: Per-sample Hessians with at most this many entries in all (`B * N * N`) take the joint pass:
+#: there the block engine's forward and backward per parameter leaf cost more than the joint
+#: pass's doubled second pass (calibrated on CPU MLPs, benchmarks/bench_per_sample.py).
+_JOINT_ENTRIES = 2**21
 
 
 def sample_chunks(call: str, name: str, sample_chunk_size: Any, chunk_size: Any, *, rows_too: bool) -> tuple[Any, Any]:
@@ -79,10 +88,10 @@ def sample_chunks(call: str, name: str, sample_chunk_size: Any, chunk_size: Any,
     return sample_chunk_size, chunk_size
 
 
-def _run(call: str, mode: str, runners: dict[str, Callable[[], Any]], order: Sequence[str]) -> Any:
+def _run(call: str, mode: str, runners: dict[str, Callable[[], Any]], order: Sequence[str], safe: bool = True) -> Any:
     """`run_modes`, with torch's vmap randomness error named for per-sample functions."""
     try:
-        return run_modes(call, mode, runners, order=order)  # type: ignore[no-any-return]
+        return run_modes(call, mode, runners, order=order, safe=safe)  # type: ignore[no-any-return]
     except UnsupportedError as exc:
         translated = random_error(call, exc.__cause__, PER_SAMPLE_FIX) if exc.__cause__ is not None else None
         if translated is not None:
@@ -130,6 +139,23 @@ class _Call:
         return M
 
 
+def _needs_rerouting(c: _Call) -> bool:
+    """Whether one sample's forward meets an operator funchess reroutes (`_safe_ops.py`): if not,
+    the derivative passes run without the rerouting and its Python call per operator. The forward
+    must not draw random numbers (randomness="error")."""
+    rng = RandomState(c.layout.device)
+    before = rng.snapshot()
+    point = tree_unflatten(c.layout.spec, [t.detach().requires_grad_(True) for t in c.layout.leaves])
+    try:  # at parameters that require grad, with grad on: an in-place write into them is refused
+        with differentiable(), torch.enable_grad(), safe_ops() as mode:
+            call_f(c.here, c.ell, point, *[t[0] for t in c.samples.tensors(0, 1)])
+    except BaseException:
+        rng.put_back(before)
+        raise
+    rng.refuse_draws(c.here, before, PER_SAMPLE_FIX)
+    return mode is None or mode.rerouted > 0
+
+
 def _engine_route(c: _Call, mode: str) -> Tensor:
     """The block engine (each pair of blocks once, second backward stopped at the tangent's
     layer) with the samples as one more `vmap` dimension; every piece is written straight into the
@@ -159,6 +185,32 @@ def _engine_route(c: _Call, mode: str) -> Tensor:
         for y in Y:
             if x != y:
                 M[:, off[y] : off[y + 1], off[x] : off[x + 1]].copy_(M[:, off[x] : off[x + 1], off[y] : off[y + 1]].transpose(1, 2))
+    return M
+
+
+def _joint_route(c: _Call, mode: str) -> Tensor:
+    """Per chunk of samples, `vmap` of the joint pass: one forward and backward per sample, then
+    passes of whole Hessian rows over all `N` parameters, each written straight into the result.
+    Twice the arithmetic of the block engine's second pass, but one forward and backward per
+    sample instead of one per parameter leaf, and no mirror copies."""
+    group_of = forward_group if mode == "fwd-rev" else reverse_group
+    lay = c.layout
+    every = list(range(len(lay.leaves)))
+    dtypes = [leaf.dtype for leaf in lay.leaves]
+
+    def sample_rows(rows: list[Tensor], *tensors: Tensor) -> tuple[Tensor, ...]:
+        h = scalar_output(c.here, lambda p: c.ell(p, *tensors), False)
+        rows_of, _ = group_of(h, lay, lay.leaves, every, every, False)
+        return tuple(rows_of(rows))
+
+    off, M = lay.off, c.result()
+    for b0, b1 in chunks(c.B, c.b_chunk):
+        for s, e in chunks(lay.N, c.rows):
+            rows = basis(s, e, lay.shapes, dtypes, lay.device)
+            pieces = vmap(functools.partial(sample_rows, rows))(*c.samples.tensors(b0, b1))
+            for y, piece in enumerate(pieces):
+                M[b0:b1, s:e, off[y] : off[y + 1]].copy_(piece.reshape(b1 - b0, e - s, -1))
+            del pieces
     return M
 
 
@@ -263,8 +315,10 @@ def per_sample_hessian(
     Composition: for a deterministic `f` (`randomness="error"`), `funchess.hessian`'s symmetric
     block engine in `mode` ("rev-rev" or "fwd-rev") with the samples as one more `vmap` dimension:
     each pair of blocks is computed once, written straight into the result and mirrored, and the
-    second backward pass stops at the tangent's layer. Inside an outer transform it is
-    `vmap(funchess.hessian)` over chunks of samples. With random operations, "fwd-rev" is `vmap`
+    second backward pass stops at the tangent's layer. When the whole result is small (about
+    two million entries), the joint pass instead: per sample one forward and backward, then
+    whole Hessian rows. Inside an outer transform it is `vmap(funchess.hessian)` over chunks of
+    samples. With random operations, "fwd-rev" is `vmap`
     over chunks of basis directions of `jvp` of the per-sample gradient `vmap(grad(loss_i))`, and
     "rev-rev" is `vmap` over chunks of basis rows of the `vjp` of the per-sample gradient at
     parameters broadcast to one copy per sample; every pass replays the forward's random numbers.
@@ -353,7 +407,12 @@ def per_sample_hessian(
         elif inside_transform():
             M = _run(here, mode, {m: functools.partial(_vmapped_route, c, m) for m in _ENGINE_ORDER}, _ENGINE_ORDER)
         else:
-            M = _run(here, mode, {m: functools.partial(_engine_route, c, m) for m in _ENGINE_ORDER}, _ENGINE_ORDER)
+            route = _engine_route
+            if B * layout.N * layout.N <= _JOINT_ENTRIES and len(layout.leaves) > 1:
+                route = _joint_route  # the whole result is small: one pass, all samples and rows
+                c.b_chunk, c.rows = b_chunk or B, rows or layout.N
+            safe = _needs_rerouting(c)
+            M = _run(here, mode, {m: functools.partial(route, c, m) for m in _ENGINE_ORDER}, _ENGINE_ORDER, safe)
         outer = (layout.shapes, layout.spec)
         return blocks_of(M, outer, outer)
 

@@ -293,13 +293,19 @@ def test_warnings_about_the_users_inputs_are_shown_once_per_call_at_the_users_li
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)  # targets (5,) vs outputs (5, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = funchess.HessianOperator(f, params, x, y)
+        # fresh products evaluate f in every call (a kept linearisation evaluates it once, in the
+        # first call, and warns there)
+        op = funchess.HessianOperator(f, params, x, y, reuse=False)
+        ggn_op = funchess.GGNOperator(f, params, x, y, reuse=False)
     for call in (
         lambda: funchess.hessian(f)(params, x, y),
         lambda: funchess.hessian(f, mode="fwd-rev", chunk_size=2)(params, x, y),
         lambda: funchess.ggn(f)(params, x, y),
         lambda: funchess.dataset_hessian(f)(params, [(x, y), (x, y)]),
         lambda: funchess.eigsh(op, generator=torch.Generator().manual_seed(0)),
+        lambda: funchess.HessianOperator(f, params, x, y, reuse=False),  # made: one forward
+        lambda: funchess.diagonal(ggn_op),
+        lambda: ggn_op @ params,
     ):
         with warnings.catch_warnings():  # torch's own one-time deprecation notices on first use
             warnings.simplefilter("ignore")
