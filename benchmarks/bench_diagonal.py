@@ -258,7 +258,7 @@ def main() -> None:
                     try:
                         errors[name] = f"{error(fn(), refs[quantity]):.1e}"
                     except RuntimeError as exc:  # e.g. BackPACK's average pooling fails in float64
-                        errors[name] = f"{error(fn32(), refs[quantity]):.1e} (float32; float64 failed: {str(exc)[:40]})"
+                        errors[name] = f"{error(fn32(), refs[quantity]):.1e} (float32; float64 failed: {str(exc).splitlines()[0][:60]})"
         print(f"\n## {title}; N = {n:,}, float32\n")
         print("| quantity | method | CPU ms | wall ms | CPU time / BackPACK | rel. error (float64) |")
         print("|---|---|---|---|---|---|")

@@ -149,12 +149,14 @@ def _rank(rank: int, world: int, port: int, quick: bool, out_dir: str) -> None:
         for _ in range(20):
             original(buf)
         bare = (time.perf_counter() - start) / 20
-        dist.destroy_process_group()
     result = {"hessian": t_hessian, "hessian_cpu": cpu_hessian, "hessian_comm": c_hessian, "hvp": t_hvp,
               "hvp_cpu": cpu_hvp, "hvp_comm": c_hvp, "lanczos": t_lanczos, "lanczos_cpu": cpu_lanczos,
               "lanczos_comm": c_lanczos, "bare": bare, "samples": len(xs)}
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    if world:
+        dist.barrier()  # tear gloo down together: a rank leaving early can abort a peer's exit
+        dist.destroy_process_group()
 
 
 def _run(world: int, quick: bool) -> dict[str, float]:

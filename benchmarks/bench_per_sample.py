@@ -142,15 +142,19 @@ def per_sample(dims: tuple[int, ...], B: int, repeat: int, slow: bool) -> None:
 
 def batch_by_batch(fn: Callable[[], Any]) -> Callable[[], Any]:
     """`fn` with the data-set functions taking one derivative per batch (no grouping of batches)."""
-    from funchess import _dataset
+    from funchess import _data, _dataset
+
+    names = [(_data, "GROUP_SAMPLES"), (_dataset, "GROUP_SAMPLES"), (_dataset, "PRODUCT_GROUP_BYTES")]
 
     def run() -> Any:
-        saved = _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES
-        _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES = 1, 1
+        saved = [getattr(module, name) for module, name in names]
+        for module, name in names:
+            setattr(module, name, 1)
         try:
             return fn()
         finally:
-            _dataset._GROUP_SAMPLES, _dataset._HVP_GROUP_BYTES = saved
+            for (module, name), value in zip(names, saved):
+                setattr(module, name, value)
 
     return run
 

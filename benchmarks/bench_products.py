@@ -107,9 +107,9 @@ def products(names: list[str], rounds: int, before: ModuleType | None) -> None:
         shown = ["hvp", "op", "op0"]
         if before is not None:
             fb, pb_params = before.functional(pb.model, pb.loss_fn)
-            Hb = before.hvp(fb)
             opb = before.HessianOperator(fb, pb_params, x, y)
-            methods["before hvp"] = lambda: Hb(pb_params, v, x, y)
+            # 0.1's hvp ran at once, torch.func.jvp-style, with a tangent for every primal.
+            methods["before hvp"] = lambda: before.hvp(lambda p: fb(p, x, y), (pb_params,), (v,))
             methods["before op"] = lambda: opb @ flat
             shown += ["before hvp", "before op"]
         got = interleaved(methods, rounds, "plain")
@@ -131,7 +131,10 @@ def tools(lib: ModuleType, op: Any, n: int) -> dict[str, Callable[[], int]]:
     return {
         "eigsh": lambda: lib.eigsh(op, k=5, which="LM", tol=1e-30, max_iter=60, generator=gen()).num_hvps,
         "cg": lambda: lib.cg(op, rhs, damping=1.0, rtol=1e-30, max_iter=60).num_hvps,
-        "trace_estimate": lambda: lib.trace_estimate(op, 60, generator=gen()).num_hvps,
+        # 0.1 named the default Hutch++ estimate `hutchpp_trace`.
+        "trace_estimate": lambda: getattr(lib, "trace_estimate", getattr(lib, "hutchpp_trace", None))(
+            op, 60, generator=gen()
+        ).num_hvps,
         "spectral_density": lambda: lib.spectral_density(op, num_probes=4, num_steps=20, generator=gen()).num_hvps,
     }
 
