@@ -39,6 +39,7 @@ from ._checks import (
 )
 from ._compat import inside_transform
 from ._compose import RandomState, check_function, run_modes, usable, with_primals
+from ._diagonal._route import structured_hessian_diagonal
 from ._engine import DenseSink, DiagonalSink, Layout, SelectedSink, groups
 from ._engine import run as engine_run
 from ._errors import MemoryBudgetError
@@ -390,8 +391,7 @@ def hessian_diagonal(
     def diagonal_fn(*args: Any, **kwargs: Any) -> Any:
         prep = _prepare(o, f, args, kwargs)
         if o.argnums == 0 and not has_aux and blocks is None and o.mode == "auto" and o.randomness == "error" and not kwargs:
-            from ._diagonal import structured_hessian_diagonal  # the module-aware sweep, where it applies
-
+            # the module-aware sweep, where it applies
             fast = structured_hessian_diagonal(f, *args, chunk_size=o.chunk, max_memory=max_memory)
             if fast is not None:
                 return fast

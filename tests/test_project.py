@@ -41,39 +41,72 @@ def test_every_public_name_is_documented_with_an_example() -> None:
             assert "Example" in doc or ">>>" in doc, f"{module.__name__}.{name} has no example"
 
 
-def _core_imports() -> dict[str, set[tuple[str, str]]]:
-    """For every core module: the `(module, name)` pairs it imports from sibling core modules."""
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """For every module of the package (subpackages included, dotted names relative to `funchess`,
+    "" for the package itself): the `(module, name)` pairs it imports from funchess, at the top or
+    inside functions (a deferred import is still a dependency)."""
     import ast
 
     out: dict[str, set[tuple[str, str]]] = {}
-    for path in (ROOT / "funchess").glob("*.py"):
+    root = ROOT / "funchess"
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1]
+        name = ".".join(package if parts[-1] == "__init__" else parts)
         names: set[tuple[str, str]] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names.update((node.module or "", a.name) for a in node.names)
-        out[path.stem] = names
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names.update((target, a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "funchess":
+                names.update((node.module.partition(".")[2], a.name) for a in node.names)
+        out[name] = names
     return out
 
 
-def test_the_core_is_layered_without_cycles_or_private_crossings() -> None:
-    imports = _core_imports()
-    graph = {m: {mod for mod, _ in names if mod in imports} for m, names in imports.items()}
+def _package_of(module: str) -> str:
+    return module.rpartition(".")[0]
+
+
+def test_the_package_is_layered_without_cycles_or_private_crossings() -> None:
+    imports = _imports()
+
+    def dependency(target: str, name: str) -> str | None:
+        full = f"{target}.{name}" if target else name
+        return full if full in imports else target if target in imports else None
+
+    graph = {m: {d for t, n in names if (d := dependency(t, n)) not in (None, m)} for m, names in imports.items()}
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
-        for n in graph[m]:
+        for n in sorted(graph[m]):
             assert state.get(n) != 1, f"import cycle: {' -> '.join([*path, n])}"
             if n not in state:
                 visit(n, [*path, n])
         state[m] = 2
 
-    for m in graph:
+    for m in sorted(imports):
         if m not in state:
             visit(m, [m])
-    crossings = {(m, mod, name) for m, names in imports.items() for mod, name in names if name.startswith("_") and not name.startswith("__")}
-    assert not crossings, f"private names imported across modules: {sorted(crossings)}"
-    assert not any(mod == "cli" or mod.startswith("cli.") for names in imports.values() for mod, _ in names), "the core imports the CLI"
+
+    def crossing(m: str, target: str, name: str) -> bool:
+        """A private name taken from another module, unless both sit in the same subpackage."""
+        if not name.startswith("_") or name.startswith("__") or (f"{target}.{name}" if target else name) in imports:
+            return False
+        home = _package_of(m)
+        return not (home and (target == home or _package_of(target) == home))
+
+    crossings = sorted((m, t, n) for m, names in imports.items() for t, n in names if crossing(m, t, n))
+    assert not crossings, f"private names imported across modules: {crossings}"
+    upper = ("cli", "distributed", "integrations")
+    for m, names in imports.items():
+        layer = m.split(".")[0]
+        for t, _ in names:
+            top = t.split(".")[0]
+            if top in upper and top != layer and m not in ("", "__main__"):
+                pytest.fail(f"{m} imports {t}: the core and the layers above it only import downward")
 
 
 def test_no_core_module_is_longer_than_it_can_be_read_in_a_sitting() -> None:
