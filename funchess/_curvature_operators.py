@@ -451,7 +451,8 @@ class DatasetOperator(_CurvatureOperator):
         params: the point.
         data: the batches.
         curvature: "hessian" (default) or "ggn".
-        loss_fn: the loss of `(output, targets)` for `curvature="ggn"` with a model-output `f`.
+        loss_fn: the loss of `(output, targets)` for `curvature="ggn"` with a model-output `f`; refused
+            with `curvature="hessian"`, where `f` is the loss itself.
         reduction: "mean" (default) or "sum": how f reduces over a batch.
         mode: `funchess.hvp`'s mode (Hessian products).
         chunk_size: vectors per pass over the data ("auto": bounded automatically).
@@ -504,6 +505,13 @@ class DatasetOperator(_CurvatureOperator):
         check_callable(call, f)
         if curvature not in ("hessian", "ggn"):
             raise InvalidArgumentError(f"{call}: expected curvature to be 'hessian' or 'ggn', got {curvature!r}.")
+        if curvature == "hessian" and loss_fn is not None:
+            raise InvalidArgumentError(
+                f"{call}: expected no loss_fn with curvature='hessian' (f is then the loss itself; "
+                f"loss_fn separates the model output from the loss for curvature='ggn'), got "
+                f"loss_fn={getattr(loss_fn, '__name__', type(loss_fn).__name__)}. Pass f = "
+                f"funchess.functional(model, loss_fn) without loss_fn=, or curvature='ggn'."
+            )
         check_mode(call, mode)
         check_chunk_size(call, chunk_size)
         check_reduction(call, reduction)

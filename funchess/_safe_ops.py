@@ -18,7 +18,8 @@ caught: `F.*`, `torch.*` and `torch.ops.aten.*` (packets and their non-`out` ove
   `AUTOGRAD_FIXES`).
 - `embedding` with `padding_idx`: reverse mode gives the padding row no gradient, forward mode
   would push its tangent through; the looked-up padding rows are detached so both modes agree with
-  plain autograd. `max_norm` renormalises the table in place and is refused (`UnsupportedError`).
+  plain autograd. `max_norm` renormalises the table in place and is refused (`UnsupportedError`),
+  and so is `scale_grad_by_freq`, whose backward is not the derivative of the forward.
 - `scaled_dot_product_attention`: fused kernels (flash, memory-efficient) have no double backward
   (pytorch#116350); the math form below has. `multi_head_attention_forward` calls it from inside
   (where the mode cannot see), so it is sent down its explicit `need_weights=True` branch. The
@@ -315,6 +316,18 @@ def _max_norm_refused(spelling: str) -> UnsupportedError:
     )
 
 
+def _scaled_gradient_refused(spelling: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"funchess: f calls {spelling} (e.g. `nn.Embedding(scale_grad_by_freq=True)`), whose backward "
+        f"divides each table row's gradient by how often its index occurs in the batch; expected a "
+        f"function whose gradient is its derivative (with the scaling, torch's gradient is not the "
+        f"derivative of f, so no derivative funchess gives could agree with both torch's gradient "
+        f"and f's values; differentiating the scaled gradient again is not even symmetric). Set "
+        f"`emb.scale_grad_by_freq = False` while funchess runs: f's values, and so its derivatives, "
+        f"do not depend on it."
+    )
+
+
 def _constant_padding(out: Tensor, indices: Tensor, padding_idx: int) -> Tensor:
     # reverse mode gives the padding row no gradient; forward mode would push its tangent through.
     # Detached padding rows are a constant for both, as plain autograd treats them.
@@ -335,6 +348,8 @@ def embedding(
 ) -> Any:
     if max_norm is not None:
         raise _max_norm_refused(f"`F.embedding(..., max_norm={max_norm!r})`")
+    if scale_grad_by_freq:
+        raise _scaled_gradient_refused("`F.embedding(..., scale_grad_by_freq=True)`")
     if padding_idx is None:
         return _PASS
     out = _F_EMBEDDING(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
@@ -344,6 +359,8 @@ def embedding(
 def _torch_embedding(
     weight: Tensor, indices: Tensor, padding_idx: int = -1, scale_grad_by_freq: bool = False, sparse: bool = False
 ) -> Any:
+    if scale_grad_by_freq:
+        raise _scaled_gradient_refused("`torch.embedding(..., scale_grad_by_freq=True)`")
     if padding_idx < 0:  # torch.embedding's "no padding row"
         return _PASS
     out = torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)

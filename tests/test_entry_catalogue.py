@@ -391,6 +391,10 @@ SPECTRAL_BAD: dict[str, tuple[Callable[[], Any], type[FunchessError], str]] = {
                              r"funchess\.DatasetOperator\(f, params, loader\)"),
     "dataset-operator-one-shot": (lambda: funchess.DatasetOperator(world().f, world().params, ((x, y) for x, y in world().batches)),
                                   InvalidArgumentError, r"funchess\.DatasetOperator\(.*one-shot generator\. Pass list\(data\)"),
+    "dataset-operator-loss-fn-for-the-hessian": (
+        lambda: funchess.DatasetOperator(world().f, world().params, world().batches, loss_fn=F.mse_loss), InvalidArgumentError,
+        r"funchess\.DatasetOperator\(f, params, data, loss_fn=mse_loss\): expected no loss_fn with curvature='hessian'.*"
+        r"got loss_fn=mse_loss\. Pass f = funchess\.functional\(model, loss_fn\) without loss_fn=, or curvature='ggn'"),
 }
 
 
