@@ -450,6 +450,17 @@ def relabel(call: str, exc: FunchessError) -> FunchessError:
     return error
 
 
+def labelled(call: str, exc: FunchessError) -> FunchessError:
+    """`exc` told as `call`'s when it was raised where the call is not known (an operator refused
+    inside f, `unlabelled`), else `exc` itself."""
+    if not getattr(exc, "unlabelled", False):
+        return exc
+    text = str(exc)
+    error = type(exc)(f"{call}: {text.removeprefix('funchess: ')}")
+    error.__cause__ = exc.__cause__
+    return error
+
+
 def inplace_error(call: str, exc: BaseException) -> FunchessError | None:
     """A funchess error for torch's refusal of an in-place write by f into one of its inputs, else None."""
     text = str(exc)
@@ -476,6 +487,11 @@ def call_f(call: str, h: Callable[..., Any], *args: Any) -> Any:
     re-raised as a funchess error naming the call."""
     try:
         return h(*args)
+    except FunchessError as exc:
+        told = labelled(call, exc)
+        if told is exc:
+            raise
+        raise told from None
     except RuntimeError as exc:
         error = inplace_error(call, exc)
         if error is None:

@@ -304,9 +304,17 @@ def _weight_norm_interface(v: Tensor, g: Tensor, dim: int = 0) -> tuple[Tensor, 
 # ----------------------------------------------------------------------------- embedding
 
 
+def _refused(message: str) -> UnsupportedError:
+    """An operator funchess will not differentiate, found inside f: told as the entry's (see
+    `funchess._checks.labelled`), which the operator does not know."""
+    error = UnsupportedError(f"funchess: {message}")
+    error.unlabelled = True  # type: ignore[attr-defined]
+    return error
+
+
 def _max_norm_refused(spelling: str) -> UnsupportedError:
-    return UnsupportedError(
-        f"funchess: f calls {spelling} (e.g. `nn.Embedding(max_norm=...)`), which renormalises rows "
+    return _refused(
+        f"f calls {spelling} (e.g. `nn.Embedding(max_norm=...)`), which renormalises rows "
         f"of the embedding table in place during the forward; expected a function that leaves its "
         f"parameters alone (funchess never changes the model, and torch gives the renormalisation "
         f"no derivative, so no Hessian agrees with both torch's gradient and the function's values). "
@@ -317,8 +325,8 @@ def _max_norm_refused(spelling: str) -> UnsupportedError:
 
 
 def _scaled_gradient_refused(spelling: str) -> UnsupportedError:
-    return UnsupportedError(
-        f"funchess: f calls {spelling} (e.g. `nn.Embedding(scale_grad_by_freq=True)`), whose backward "
+    return _refused(
+        f"f calls {spelling} (e.g. `nn.Embedding(scale_grad_by_freq=True)`), whose backward "
         f"divides each table row's gradient by how often its index occurs in the batch; expected a "
         f"function whose gradient is its derivative (with the scaling, torch's gradient is not the "
         f"derivative of f, so no derivative funchess gives could agree with both torch's gradient "

@@ -617,8 +617,16 @@ def test_the_example_runs_under_torchrun() -> None:
         pytest.skip("torchrun is not on PATH")
     example = Path(__file__).resolve().parents[1] / "examples" / "distributed_curvature.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(example), "--quick"], capture_output=True,
-                         text=True, timeout=120, env=env)
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(example), "--quick"], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    out = run()
+    if out.returncode != 0 and "terminate called without an active exception" in out.stderr and "same on every rank: True" in out.stdout:
+        # torch's gloo teardown sometimes aborts a rank at exit after all its work (rare, under
+        # load; benchmarks/RESULTS.md): the example's own checks passed. Once more, and that must be clean.
+        out = run()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 rank(s)" in out.stdout and "same on every rank: True" in out.stdout
 

@@ -4,6 +4,7 @@ torch's; the model never changed; and the process-wide RNN switch shared safely 
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -324,9 +325,17 @@ def test_embedding_max_norm_is_refused_and_the_model_unchanged(call: str, snapsh
         funchess.UnsupportedError,
         match=r"f calls `F.embedding\(\.\.\., max_norm=0.5\)` \(e.g. `nn.Embedding\(max_norm=\.\.\.\)`\), which "
         r"renormalises rows of the embedding table in place.*set `emb.max_norm = None` while funchess runs",
-    ):
+    ) as info:
         runs[call]()
+    _told_as_the_entry(str(info.value), call)
     snap.assert_unchanged()
+
+
+def _told_as_the_entry(message: str, call: str) -> None:
+    """The refusal, raised deep inside f, names the public call that met it."""
+    name = call.split()[0]
+    assert re.match(rf"funchess\.{name}\(f", message), message
+    assert "funchess: " not in message
 
 
 SCALED_BY_FREQUENCY: dict[str, Callable[[Tensor], Tensor]] = {
@@ -373,8 +382,9 @@ def test_embedding_scale_grad_by_freq_is_refused_at_every_entry_and_the_model_un
         "kfac": lambda: funchess.kfac(f)(p, idx, y),
         "HessianOperator": lambda: funchess.HessianOperator(f, p, idx, y) @ funchess.ravel(p),
     }
-    with pytest.raises(funchess.UnsupportedError, match=r"scale_grad_by_freq=True.*not the derivative of f"):
+    with pytest.raises(funchess.UnsupportedError, match=r"scale_grad_by_freq=True.*not the derivative of f") as info:
         runs[call]()
+    _told_as_the_entry(str(info.value), call)
     snap.assert_unchanged()
 
 
