@@ -95,7 +95,8 @@ def test_plans_follow_the_options() -> None:
                     ("hvp", "mlp-tiny", "float32"), ("hvp", "cnn-tiny", "float32")]
     full = settings_from(_args(quick=False, max_memory=2.0))
     assert isinstance(full, Settings) and full.max_memory == 2 * 2**30 and full.time_limit == 60
-    assert {s for s, _, _ in plan(full)} == {"hessian", "hvp", "diagonal", "per-sample"}
+    assert {s for s, _, _ in plan(full)} == {"hessian", "hvp", "diagonal", "ggn-diagonal", "per-sample", "per-sample-diagonal",
+                                              "per-sample-ggn-diagonal"}
     assert not any(p in ("cnn-5k", "transformer-9k") for _, p, _ in plan(full))
     large = plan(settings_from(_args(quick=False, large=True)))
     assert set(plan(full)) < set(large) and ("hessian", "transformer-9k", "float32") in large

@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="time funchess against its peers (nested loops, torch.autograd.functional, torch.func, ...)",
-        description="Benchmark full Hessians, Hessian-vector products, diagonals and per-sample "
-        "Hessians: funchess against nested double-backward loops, torch.autograd.functional, "
+        description="Benchmark full Hessians, Hessian-vector products, Hessian and GGN diagonals (of the batch and per "
+        "sample) and per-sample Hessians: funchess against nested double-backward loops, torch.autograd.functional, "
         "torch.func and (when installed: pip install funchess[bench]) curvlinops and BackPACK. "
         "Each method runs in a fresh process; every answer is checked against the oracle.",
     )
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         "--problems", default=None,
         help=f"comma-separated problems (default: depends on --quick); known: {', '.join(PROBLEMS)}",
     )
-    bench.add_argument("--sections", default=None, help="comma-separated: hessian,hvp,diagonal,per-sample (default: all)")
+    bench.add_argument("--sections", default=None, help="comma-separated: hessian,hvp,diagonal,ggn-diagonal,per-sample,per-sample-diagonal,per-sample-ggn-diagonal (default: all)")
     bench.add_argument("--methods", default=None, help="comma-separated substrings; run only methods whose name contains one")
     bench.add_argument("--min-time", type=float, default=None, help="seconds of repeated timing per method (default: 1, 0.3 with --quick)")
     bench.add_argument("--time-limit", type=float, default=None, help="seconds before a method is stopped (default: 60, 20 with --quick; 3x on the largest problems)")

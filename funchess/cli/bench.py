@@ -262,7 +262,10 @@ FULL_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
     "hvp": [(p, ("float32",)) for p in ("mlp-2k", "mlp-20k", "cnn-2k", "transformer-2k")],
     "diagonal": [("mlp-8k", ("float32",)), ("cnn-2k", ("float32",))],
+    "ggn-diagonal": [("mlp-8k", ("float32",)), ("cnn-2k", ("float32",))],
     "per-sample": [("mlp-500", ("float32", "float64")), ("mlp-2k", ("float32",))],
+    "per-sample-diagonal": [("mlp-8k", ("float32",)), ("cnn-2k", ("float32",))],
+    "per-sample-ggn-diagonal": [("mlp-8k", ("float32",)), ("cnn-2k", ("float32",))],
 }
 #: What `--large` adds: the bigger conv net and transformer, where every peer takes minutes.
 LARGE_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -274,7 +277,10 @@ QUICK_PLAN: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "hessian": [("mlp-2k", ("float32", "float64")), ("transformer-tiny", ("float32",))],
     "hvp": [("mlp-2k", ("float32",))],
     "diagonal": [("mlp-2k", ("float32",))],
+    "ggn-diagonal": [("mlp-2k", ("float32",))],
     "per-sample": [("mlp-tiny", ("float32",))],
+    "per-sample-diagonal": [("mlp-2k", ("float32",))],
+    "per-sample-ggn-diagonal": [("mlp-2k", ("float32",))],
 }
 #: Problems so large that only the methods marked `core` run on them (in the "hessian" section).
 CORE_ONLY = {"mlp-20k", "mlp-50k"}

@@ -8,7 +8,10 @@ Sections:
   (`vectorize` False/True), `torch.func.hessian`, `jacrev(jacrev)` with chunking, curvlinops.
 - "hvp": one Hessian-vector product, as a multiple of one gradient.
 - "diagonal": the Hessian's diagonal (BackPACK's `DiagHessian` against funchess).
+- "ggn-diagonal": the GGN's diagonal (BackPACK's `DiagGGNExact` against funchess).
 - "per-sample": one Hessian per sample (loops against `vmap`).
+- "per-sample-diagonal", "per-sample-ggn-diagonal": every sample's Hessian or GGN diagonal
+  (BackPACK's `BatchDiagHessian` / `BatchDiagGGNExact` against funchess).
 
 A new method is one `Method(...)` entry in `METHODS` (a new problem is one entry in
 `funchess.cli.models.PROBLEMS`). Every output is checked by `check` against the float64 oracle of
@@ -27,14 +30,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funchess import hessian, hessian_diagonal, hvp, per_sample_hessian, ravel, to_matrix, unravel
+from funchess import (
+    ggn_diagonal,
+    hessian,
+    hessian_diagonal,
+    hvp,
+    per_sample_ggn_diagonal,
+    per_sample_hessian,
+    per_sample_hessian_diagonal,
+    ravel,
+    to_matrix,
+    unravel,
+)
 
 from .measure import sync
 from .models import Problem
 
 __all__ = ["Method", "METHODS", "SECTIONS", "TOLERANCE", "CHUNK", "Sizes", "find_method", "check", "block_starts"]
 
-SECTIONS = ("hessian", "hvp", "diagonal", "per-sample")
+SECTIONS = ("hessian", "hvp", "diagonal", "ggn-diagonal", "per-sample", "per-sample-diagonal", "per-sample-ggn-diagonal")
 #: Largest relative error (of rows `H e_i` and products `H v`) that counts as correct.
 TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
 CHUNK = 256  # the chunk size given to peers that take one (USERS.md: 64-256 is best on CPU)
@@ -55,7 +69,8 @@ class Method:
             For `partial` methods the callable takes a time budget in seconds and returns
             `(output, rows_done, setup_seconds, rows_seconds)`.
         output: turns the callable's result into the section's common form: an `(N, N)` matrix
-            ("hessian"), a length-N vector ("hvp", "diagonal") or a `(B, N, N)` stack ("per-sample").
+            ("hessian"), a length-N vector ("hvp", the diagonals), a `(B, N, N)` stack ("per-sample")
+            or a `(B, N)` stack (the per-sample diagonals).
         memory: estimated peak bytes, from the problem's sizes (see `Sizes`); methods whose
             estimate exceeds the memory limit are skipped.
         requires: modules that must be importable (else the method is listed as not installed).
@@ -308,30 +323,50 @@ def _flat(out: Any) -> Tensor:
 # --- diagonal ---------------------------------------------------------------------------------
 
 
-def _backpack_diag(problem: Problem, _: Any) -> Callable[[], Any]:
-    from backpack import backpack, extend
-    from backpack.extensions import DiagHessian
+def _backpack(extension: str, field: str) -> Callable[[Problem, Any], Callable[[], Any]]:
+    """BackPACK's `extension`, read from each parameter's `field` (a `Batch...` one per sample)."""
 
-    model = extend(copy.deepcopy(problem.model))
-    lossf = extend(_loss_module(problem))
-    leaves = [p for p in model.parameters() if p.requires_grad]
+    def build(problem: Problem, _: Any) -> Callable[[], Any]:
+        from backpack import backpack, extend, extensions
 
-    def run() -> Tensor:
-        loss = lossf(model(problem.inputs), problem.targets)
-        with backpack(DiagHessian()):
-            loss.backward()
-        out = torch.cat([p.diag_h.reshape(-1) for p in leaves])  # type: ignore[attr-defined]
-        for p in leaves:
-            p.grad = None
+        model = extend(copy.deepcopy(problem.model))
+        lossf = extend(_loss_module(problem))
+        leaves = [p for p in model.parameters() if p.requires_grad]
+        batched, B = extension.startswith("Batch"), problem.batch_size
+
+        def run() -> Tensor:
+            loss = lossf(model(problem.inputs), problem.targets)
+            with backpack(getattr(extensions, extension)()):
+                loss.backward()
+            out = torch.cat([getattr(p, field).reshape(B if batched else 1, -1) for p in leaves], 1)
+            for p in leaves:
+                p.grad = None
+            # BackPACK's per-sample terms are those of the mean-reduced batch loss: 1/B of each
+            # sample's own loss (a batch of one), which funchess and the oracle give
+            return out * B if batched else out[0]
+
+        return run
+
+    return build
+
+
+def _funchess(transform: Callable[..., Any]) -> Callable[[Problem, Any], Callable[[], Any]]:
+    """`transform(f)(params, inputs, targets)` on the problem's loss."""
+
+    def build(problem: Problem, _: Any) -> Callable[[], Any]:
+        f, params = _params_of(problem)
+        fn = transform(f)
+        return lambda: fn(params, problem.inputs, problem.targets)
+
+    return build
+
+
+def _flat_samples(out: Any) -> Tensor:
+    """A `(B, N)` stack from a per-sample tree (leaves `(B, *shape)`) or Tensor."""
+    if isinstance(out, Tensor):
         return out
-
-    return run
-
-
-def _funchess_diag(problem: Problem, _: Any) -> Callable[[], Any]:
-    f, params = _params_of(problem)
-    fn = hessian_diagonal(f)
-    return lambda: fn(params, problem.inputs, problem.targets)
+    leaves = list(out.values()) if isinstance(out, dict) else list(out)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in leaves], 1)
 
 
 # --- per-sample Hessians ----------------------------------------------------------------------
@@ -451,10 +486,15 @@ METHODS: list[Method] = [
     Method("torch.func vjp(grad)", "hvp", _vjp_grad, _flat, note="reverse-over-reverse"),
     Method("curvlinops H @ v", "hvp", _curvlinops_hvp, _flat, requires=("curvlinops",)),
     # diagonal
-    Method("funchess.hessian_diagonal", "diagonal", _funchess_diag, _flat, lambda s: s.chunk(CHUNK),
+    Method("funchess.hessian_diagonal", "diagonal", _funchess(hessian_diagonal), _flat, lambda s: s.chunk(CHUNK),
            note="exact diagonal: the module-aware sweep on chains of known modules, else block by block; O(N) memory"),
-    Method("BackPACK DiagHessian", "diagonal", _backpack_diag, _flat, requires=("backpack",),
+    Method("BackPACK DiagHessian", "diagonal", _backpack("DiagHessian", "diag_h"), _flat, requires=("backpack",),
            note="BackPACK supports a whitelist of layers"),
+    Method("funchess.ggn_diagonal", "ggn-diagonal", _funchess(ggn_diagonal), _flat, lambda s: s.chunk(CHUNK),
+           note="exact GGN diagonal: the loss Hessian's factor pulled back through known modules, else "
+                "per-sample Jacobian columns"),
+    Method("BackPACK DiagGGNExact", "ggn-diagonal", _backpack("DiagGGNExact", "diag_ggn_exact"), _flat,
+           requires=("backpack",)),
     # per-sample Hessians
     Method("funchess.per_sample_hessian", "per-sample", _funchess_per_sample, lambda out: out, _ps(1.0, False)),
     Method("vmap(funchess.hessian)", "per-sample", _per_sample_vmap(hessian), _stack_batched, _ps(1.0, False)),
@@ -464,6 +504,15 @@ METHODS: list[Method] = [
            _ps(3.0, True)),
     Method("loop of torch.func.hessian", "per-sample", _per_sample_loop(torch.func.hessian), lambda out: out,
            _ps(1.0, False), loop=True),
+    # per-sample diagonals
+    Method("funchess.per_sample_hessian_diagonal", "per-sample-diagonal", _funchess(per_sample_hessian_diagonal),
+           _flat_samples, lambda s: s.batch * s.n * s.itemsize + s.chunk(CHUNK)),
+    Method("BackPACK BatchDiagHessian", "per-sample-diagonal", _backpack("BatchDiagHessian", "diag_h_batch"),
+           _flat_samples, requires=("backpack",)),
+    Method("funchess.per_sample_ggn_diagonal", "per-sample-ggn-diagonal", _funchess(per_sample_ggn_diagonal),
+           _flat_samples, lambda s: s.batch * s.n * s.itemsize + s.chunk(CHUNK)),
+    Method("BackPACK BatchDiagGGNExact", "per-sample-ggn-diagonal", _backpack("BatchDiagGGNExact", "diag_ggn_exact_batch"),
+           _flat_samples, requires=("backpack",)),
 ]
 
 
@@ -522,6 +571,20 @@ def _worst(pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
     return worst
 
 
+def _reference_ggn_column(f: Any, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, vec: Tensor) -> Tensor:
+    """`G vec` of the GGN `Jᵀ H_z J` by plain autograd: `J vec` by the double-backward trick,
+    `H_z` by a double backward of the loss at the output, `Jᵀ` by one backward."""
+    leaves = [p.detach().requires_grad_(True) for p in params.values()]
+    z = f.output(dict(zip(params, leaves)), inputs)
+    u = torch.zeros_like(z, requires_grad=True)
+    pulled = torch.autograd.grad(z, leaves, u, create_graph=True)
+    Jv = torch.autograd.grad(pulled, u, list(unravel(vec, params).values()))[0]
+    zd = z.detach().requires_grad_(True)
+    (gz,) = torch.autograd.grad(f.loss_fn(zd, targets), zd, create_graph=True)
+    (HJv,) = torch.autograd.grad(gz, zd, Jv)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, leaves, HJv)])
+
+
 def _bound(f: Callable[..., Tensor], problem: Problem) -> Callable[[dict[str, Tensor]], Tensor]:
     return lambda p: f(p, problem.inputs, problem.targets)
 
@@ -570,6 +633,22 @@ def check(method: Method, problem: Problem, value: Tensor, rows: int | None = No
         idx = _probe_rows(params, n)
         ref = torch.stack([ref_hv(basis(i))[i] for i in idx])
         return _worst([(value[idx], ref)])
+    if kind == "ggn-diagonal":
+        idx = _probe_rows(params, n)
+        ref = torch.stack([_reference_ggn_column(f, params, p64.inputs, p64.targets, basis(i))[i] for i in idx])
+        return _worst([(value[idx], ref)])
+    if kind in ("per-sample-diagonal", "per-sample-ggn-diagonal"):
+        idx = _probe_rows(params, n)
+        pairs = []
+        for s in sorted({0, p64.batch_size - 1}):
+            one = p64.sample(s)
+            f1, _ = one.function()
+            if kind == "per-sample-diagonal":
+                ref = torch.stack([ref_hv(basis(i), _bound(f1, one))[i] for i in idx])
+            else:
+                ref = torch.stack([_reference_ggn_column(f1, params, one.inputs, one.targets, basis(i))[i] for i in idx])
+            pairs.append((value[s][idx], ref))
+        return _worst(pairs)
     if kind == "per-sample":
         pairs = []
         for s in sorted({0, p64.batch_size - 1}):
