@@ -455,10 +455,7 @@ def labelled(call: str, exc: FunchessError) -> FunchessError:
     inside f, `unlabelled`), else `exc` itself."""
     if not getattr(exc, "unlabelled", False):
         return exc
-    text = str(exc)
-    error = type(exc)(f"{call}: {text.removeprefix('funchess: ')}")
-    error.__cause__ = exc.__cause__
-    return error
+    return type(exc)(f"{call}: {str(exc).removeprefix('funchess: ')}")
 
 
 def inplace_error(call: str, exc: BaseException) -> FunchessError | None:

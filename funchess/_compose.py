@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import inplace_error, labelled, scalar_output
+from ._checks import inplace_error, scalar_output
 from ._compat import vjp
-from ._errors import FunchessError, UnsupportedError
+from ._errors import UnsupportedError
 from ._functional import ModuleFunction
 from ._safe_ops import safe_ops
 from ._tree import tree_map
@@ -195,11 +195,6 @@ def run_modes(
                 return runners[m]()
             with differentiable(), safe_ops(safe):
                 return runners[m]()
-        except FunchessError as exc:
-            error = labelled(call, exc)
-            if error is exc:
-                raise
-            raise error from None
         except (RuntimeError, NotImplementedError) as exc:
             if mode == "auto" and missing_rule(exc) and m != modes[-1]:
                 failures.append(f"{m}: {str(exc).splitlines()[0]}")
