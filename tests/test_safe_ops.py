@@ -311,16 +311,7 @@ def test_embedding_max_norm_is_refused_and_the_model_unchanged(call: str, snapsh
         model[0].weight.mul_(3)  # every row longer than max_norm: a forward would renormalise them
     snap = snapshot(model)
     idx, y = torch.tensor([[0, 1], [2, 5]]), torch.tensor([0, 1])
-    f, p = funchess.functional(model, F.cross_entropy)
-    runs: dict[str, Callable[[], Any]] = {
-        "hessian": lambda: funchess.hessian(f)(p, idx, y),
-        "hessian rev-rev": lambda: funchess.hessian(f, mode="rev-rev")(p, idx, y),
-        "hessian fwd-rev": lambda: funchess.hessian(f, mode="fwd-rev")(p, idx, y),
-        "hessian blocks": lambda: funchess.hessian(f, blocks="diagonal")(p, idx, y),
-        "hessian_diagonal": lambda: funchess.hessian_diagonal(f)(p, idx, y),
-        "hvp": lambda: funchess.hvp(f)(p, p, idx, y),
-        "jacrev": lambda: funchess.jacrev(f)(p, idx, y),
-    }
+    runs = _entries(model, idx, y)
     with pytest.raises(
         funchess.UnsupportedError,
         match=r"f calls `F.embedding\(\.\.\., max_norm=0.5\)` \(e.g. `nn.Embedding\(max_norm=\.\.\.\)`\), which "
@@ -329,6 +320,24 @@ def test_embedding_max_norm_is_refused_and_the_model_unchanged(call: str, snapsh
         runs[call]()
     _told_as_the_entry(str(info.value), call)
     snap.assert_unchanged()
+
+
+def _entries(model: nn.Module, idx: Tensor, y: Tensor) -> dict[str, Callable[[], Any]]:
+    """funchess's entry points on the cross-entropy loss of `model`, by the name tests pick them."""
+    f, p = funchess.functional(model, F.cross_entropy)
+    return {
+        "hessian": lambda: funchess.hessian(f)(p, idx, y),
+        "hessian rev-rev": lambda: funchess.hessian(f, mode="rev-rev")(p, idx, y),
+        "hessian fwd-rev": lambda: funchess.hessian(f, mode="fwd-rev")(p, idx, y),
+        "hessian blocks": lambda: funchess.hessian(f, blocks="diagonal")(p, idx, y),
+        "hessian_diagonal": lambda: funchess.hessian_diagonal(f)(p, idx, y),
+        "hvp": lambda: funchess.hvp(f)(p, p, idx, y),
+        "jacrev": lambda: funchess.jacrev(f)(p, idx, y),
+        "ggn_diagonal": lambda: funchess.ggn_diagonal(f)(p, idx, y),
+        "per_sample_grad": lambda: funchess.per_sample_grad(f)(p, idx, y),
+        "kfac": lambda: funchess.kfac(f)(p, idx, y),
+        "HessianOperator": lambda: funchess.HessianOperator(f, p, idx, y) @ funchess.ravel(p),
+    }
 
 
 def _told_as_the_entry(message: str, call: str) -> None:
@@ -371,17 +380,7 @@ def test_embedding_scale_grad_by_freq_is_refused_at_every_entry_and_the_model_un
     model = nn.Sequential(nn.Embedding(6, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)).double()
     snap = snapshot(model)
     idx, y = torch.tensor([[0, 0], [2, 5]]), torch.tensor([0, 1])
-    f, p = funchess.functional(model, F.cross_entropy)
-    runs: dict[str, Callable[[], Any]] = {
-        "hessian": lambda: funchess.hessian(f)(p, idx, y),
-        "hessian fwd-rev": lambda: funchess.hessian(f, mode="fwd-rev")(p, idx, y),
-        "hessian_diagonal": lambda: funchess.hessian_diagonal(f)(p, idx, y),
-        "hvp": lambda: funchess.hvp(f)(p, p, idx, y),
-        "ggn_diagonal": lambda: funchess.ggn_diagonal(f)(p, idx, y),
-        "per_sample_grad": lambda: funchess.per_sample_grad(f)(p, idx, y),
-        "kfac": lambda: funchess.kfac(f)(p, idx, y),
-        "HessianOperator": lambda: funchess.HessianOperator(f, p, idx, y) @ funchess.ravel(p),
-    }
+    runs = _entries(model, idx, y)
     with pytest.raises(funchess.UnsupportedError, match=r"scale_grad_by_freq=True.*not the derivative of f") as info:
         runs[call]()
     _told_as_the_entry(str(info.value), call)
