@@ -42,6 +42,24 @@ def test_check_passes_exact_answers_and_flags_wrong_ones(tiny: Problem) -> None:
     assert check(method, tiny, torch.full_like(M, float("nan"))) == float("inf")
 
 
+@pytest.mark.parametrize(("section", "name"), [
+    ("ggn-diagonal", "funchess.ggn_diagonal"),
+    ("per-sample-diagonal", "funchess.per_sample_hessian_diagonal"),
+    ("per-sample-ggn-diagonal", "funchess.per_sample_ggn_diagonal"),
+])
+def test_the_diagonal_sections_check_against_the_oracle(tiny: Problem, section: str, name: str) -> None:
+    method = find_method(section, name)
+    d = method.output(method.build(tiny, None)())
+    assert check(method, tiny, d) < 1e-12
+    assert check(method, tiny, d * 1.01) == pytest.approx(0.01, rel=1e-6)
+    # the other curvature's diagonal in its place is flagged (Hessian for GGN and back)
+    other = {"ggn-diagonal": ("diagonal", "funchess.hessian_diagonal"),
+             "per-sample-diagonal": ("per-sample-ggn-diagonal", "funchess.per_sample_ggn_diagonal"),
+             "per-sample-ggn-diagonal": ("per-sample-diagonal", "funchess.per_sample_hessian_diagonal")}[section]
+    twin = find_method(*other)
+    assert check(method, tiny, twin.output(twin.build(tiny, None)())) > 1e-2
+
+
 def test_nested_loop_extrapolates_from_a_subset_of_rows(tiny: Problem) -> None:
     method = find_method("hessian", "nested loop (autograd.grad)")
     H, rows, setup_s, rows_s = method.build(tiny, None)(1e-9)  # a tiny budget: stop after one row

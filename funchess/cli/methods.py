@@ -571,18 +571,11 @@ def _worst(pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
     return worst
 
 
-def _reference_ggn_column(f: Any, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, vec: Tensor) -> Tensor:
-    """`G vec` of the GGN `Jᵀ H_z J` by plain autograd: `J vec` by the double-backward trick,
-    `H_z` by a double backward of the loss at the output, `Jᵀ` by one backward."""
-    leaves = [p.detach().requires_grad_(True) for p in params.values()]
-    z = f.output(dict(zip(params, leaves)), inputs)
-    u = torch.zeros_like(z, requires_grad=True)
-    pulled = torch.autograd.grad(z, leaves, u, create_graph=True)
-    Jv = torch.autograd.grad(pulled, u, list(unravel(vec, params).values()))[0]
-    zd = z.detach().requires_grad_(True)
-    (gz,) = torch.autograd.grad(f.loss_fn(zd, targets), zd, create_graph=True)
-    (HJv,) = torch.autograd.grad(gz, zd, Jv)
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, leaves, HJv)])
+def _reference_ggn_diagonal(f: Any, params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
+    """The GGN's diagonal from `funchess.testing.reference_ggn` (plain-autograd `J`, `H_z`)."""
+    from funchess.testing import reference_ggn
+
+    return to_matrix(reference_ggn(f.output, lambda z: f.loss_fn(z, targets), params, inputs)).diagonal()
 
 
 def _bound(f: Callable[..., Tensor], problem: Problem) -> Callable[[dict[str, Tensor]], Tensor]:
@@ -635,7 +628,7 @@ def check(method: Method, problem: Problem, value: Tensor, rows: int | None = No
         return _worst([(value[idx], ref)])
     if kind == "ggn-diagonal":
         idx = _probe_rows(params, n)
-        ref = torch.stack([_reference_ggn_column(f, params, p64.inputs, p64.targets, basis(i))[i] for i in idx])
+        ref = _reference_ggn_diagonal(f, params, p64.inputs, p64.targets)[idx]
         return _worst([(value[idx], ref)])
     if kind in ("per-sample-diagonal", "per-sample-ggn-diagonal"):
         idx = _probe_rows(params, n)
@@ -646,7 +639,7 @@ def check(method: Method, problem: Problem, value: Tensor, rows: int | None = No
             if kind == "per-sample-diagonal":
                 ref = torch.stack([ref_hv(basis(i), _bound(f1, one))[i] for i in idx])
             else:
-                ref = torch.stack([_reference_ggn_column(f1, params, one.inputs, one.targets, basis(i))[i] for i in idx])
+                ref = _reference_ggn_diagonal(f1, params, one.inputs, one.targets)[idx]
             pairs.append((value[s][idx], ref))
         return _worst(pairs)
     if kind == "per-sample":
